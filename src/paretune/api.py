@@ -1,0 +1,215 @@
+"""The public operations on an adapted model: adapt, set_active, merge, unmerge, unload,
+per_sample (paretune.save/load and PEFT interop live in core/io.py and core/peft_io.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .core import registry
+from .core.host import Host
+from .core.inject import Targets, hosts, match_targets, unwrap, wrap
+from .core.state import AdapterRecord, drop_state, record_of, state_of
+from .errors import ParetuneError
+
+
+def adapt(
+    model: nn.Module,
+    method: str,
+    *,
+    name: str = "default",
+    targets: Targets = None,
+    **options,
+) -> nn.Module:
+    """Add adapter ``name`` of ``method`` to ``model`` in place and return the model.
+
+    ``targets``: ``None`` / ``"all-linear"`` (every Linear and GPT-2 Conv1D but the output
+    head), a regex matching whole module names, or a list of module names or suffixes.
+    ``options`` are the method's config fields (``paretune methods`` lists them); unknown or
+    out-of-range ones raise :class:`paretune.errors.ConfigError`.
+
+    Every other parameter (the base, earlier adapters) is frozen; the new adapter's are
+    trainable. The new adapter is
+    added to the active set (several active adapters stack: ``out = base + Σ deltas``).
+    """
+    spec = registry.get(method)
+    config = spec.config_cls.from_dict(options)
+    if not isinstance(name, str) or not name or "." in name:
+        raise ParetuneError(f"adapter name {name!r} is invalid: use a non-empty string without dots.")
+    st = state_of(model, create=True)
+    if name in st.adapters:
+        raise ParetuneError(
+            f"this model already has an adapter named {name!r}; pass another name=, or delete it with "
+            f"paretune.remove(model, {name!r}) first."
+        )
+    names = match_targets(model, targets, spec.kinds, spec.name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    built: list[tuple[Host, nn.Module]] = []
+    try:
+        for module_name in names:
+            host = wrap(model, module_name)
+            delta = spec.delta_cls(host.geometry, config)
+            built.append((host, delta))
+            host.add(name, delta)
+    except Exception:
+        for host, delta in built:  # leave the model as it was
+            delta.restore_base()
+            del host.deltas[name]
+        for module_name in names:
+            if isinstance(h := model.get_submodule(module_name), Host) and len(h.deltas) == 0:
+                unwrap(model, module_name)
+        if not st.adapters:
+            drop_state(model)
+        raise
+    st.adapters[name] = AdapterRecord(name, spec.name, config, names)
+    _set_active(model, st.active + [name])
+    return model
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
+    """The model's adapters by name (method, config, targets, merged)."""
+    return dict(state_of(model).adapters)
+
+
+def active(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    return list(state_of(model).active)
+
+
+def _set_active(model: nn.Module, names: list[str]) -> None:
+    st = state_of(model)
+    st.active = list(names)
+    for _, host in hosts(model):
+        host.active = tuple(n for n in names if n in host.deltas)
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make exactly ``names`` the active adapters (a name or a list; [] for the bare base).
+    Trainability is unchanged: only active adapters take part in the forward pass."""
+    names = [names] if isinstance(names, str) else list(names)
+    st = state_of(model)
+    for n in names:
+        record_of(model, n)
+    off_but_merged = [n for n, r in st.adapters.items() if r.merged and n not in names]
+    if off_but_merged:
+        raise ParetuneError(
+            f"adapters {off_but_merged} are merged into the base weights and cannot be switched off; "
+            "paretune.unmerge(model, name) them first."
+        )
+    _set_active(model, names)
+    return model
+
+
+def _hosts_of(model: nn.Module, name: str) -> list[Host]:
+    return [h for _, h in hosts(model) if name in h.deltas]
+
+
+@torch.no_grad()
+def merge(model: nn.Module, name: str = "default") -> nn.Module:
+    """Fold adapter ``name`` into the base weights (W += ΔW, b += Δb). Outputs stay the same
+    while the adapter is active; the forward pass then costs what the base costs."""
+    rec = record_of(model, name)
+    if rec.merged:
+        raise ParetuneError(f"adapter {name!r} is already merged.")
+    spec = registry.get(rec.method)
+    if not spec.delta_cls.mergeable:
+        raise ParetuneError(f"{rec.method} is input-dependent and has no weight delta; it cannot be merged.")
+    if name not in state_of(model).active:
+        raise ParetuneError(f"adapter {name!r} is not active; set_active it before merging (merged means on).")
+    for host in _hosts_of(model, name):
+        delta = host.deltas[name]
+        host.geometry.add_to_weight(delta.delta_weight())
+        db = delta.delta_bias()
+        if db is not None:
+            host.geometry.bias.add_(db.to(host.geometry.bias.dtype))
+        host.merged.append(name)
+    rec.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module, name: str = "default") -> nn.Module:
+    """Take a merged adapter back out of the base weights (W -= ΔW)."""
+    rec = record_of(model, name)
+    if not rec.merged:
+        raise ParetuneError(f"adapter {name!r} is not merged.")
+    for host in _hosts_of(model, name):
+        delta = host.deltas[name]
+        host.geometry.add_to_weight(delta.delta_weight(), sign=-1.0)
+        db = delta.delta_bias()
+        if db is not None:
+            host.geometry.bias.sub_(db.to(host.geometry.bias.dtype))
+        host.merged.remove(name)
+    rec.merged = False
+    return model
+
+
+@torch.no_grad()
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and return the plain model. Merged adapters stay in the weights;
+    unmerged ones are dropped (and a base changed at init, as by PiSSA, is restored)."""
+    st = state_of(model)
+    for module_name, host in list(hosts(model)):
+        for n, delta in reversed(list(host.deltas.items())):
+            if n not in host.merged:
+                delta.restore_base()
+        unwrap(model, module_name)
+    drop_state(model)
+    del st
+    return model
+
+
+@torch.no_grad()
+def remove(model: nn.Module, name: str) -> nn.Module:
+    """Delete adapter ``name`` (unmerged: a base changed at init is restored; merged: it is
+    taken out of the weights first). Hosts left with no adapter are unwrapped."""
+    rec = record_of(model, name)
+    if rec.merged:
+        unmerge(model, name)
+    st = state_of(model)
+    for module_name, host in list(hosts(model)):
+        if name in host.deltas:
+            host.deltas[name].restore_base()
+            del host.deltas[name]
+            if len(host.deltas) == 0:
+                unwrap(model, module_name)
+    del st.adapters[name]
+    _set_active(model, [n for n in st.active if n != name])
+    if not st.adapters:
+        drop_state(model)
+    return model
+
+
+@contextlib.contextmanager
+def per_sample(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch uses adapter ``names_per_sample[i]`` (``None``:
+    the bare base), whatever the active set; rows with the same adapter are computed together.
+
+    >>> with paretune.per_sample(model, ["fr", "de", None, "fr"]):
+    ...     logits = model(input_ids).logits
+    """
+    st = state_of(model)
+    names = list(names_per_sample)
+    if not names:
+        raise ParetuneError("per_sample needs one adapter name (or None) per batch row; got an empty list.")
+    for n in set(names) - {None}:
+        record_of(model, n)
+    merged = [n for n, r in st.adapters.items() if r.merged]
+    if merged:
+        raise ParetuneError(f"per_sample needs unmerged adapters; unmerge {merged} first.")
+    groups: dict[str | None, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    plan = [(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items() if n is not None]
+    all_hosts = [h for _, h in hosts(model)]
+    for h in all_hosts:
+        h._plan, h._plan_rows = plan, len(names)
+    try:
+        yield model
+    finally:
+        for h in all_hosts:
+            h._plan, h._plan_rows = None, 0

@@ -1,0 +1,1 @@
+"""The adapter engine: hosts, deltas, target matching, registry, save/load, accounting."""

@@ -1,0 +1,38 @@
+"""Accounting: trainable parameters, stored bytes and base size of a model's adapters."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .inject import hosts
+from .state import record_of, state_of
+
+
+def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
+    """Cost of adapter ``name`` (or of all adapters with ``None``).
+
+    Returns ``trainable`` (numbers the adapter trains: its parameters), ``stored_bytes`` (bytes of
+    the tensors :func:`paretune.save` writes, without the small JSON), ``base`` (parameters of the
+    model that belong to no adapter) and ``formula`` (the trainable count by the paper's formula,
+    summed over the adapted layers; equal to ``trainable`` for a faithful method).
+    """
+    from . import registry
+
+    names = list(state_of(model).adapters) if name is None else [record_of(model, name).name]
+    adapter_params: set[int] = set()
+    trainable = stored = formula = 0
+    for _, host in hosts(model):
+        for n in names:
+            if n not in host.deltas:
+                continue
+            delta = host.deltas[n]
+            for p in delta.parameters():
+                if id(p) not in adapter_params:
+                    adapter_params.add(id(p))
+                    trainable += p.numel()
+            stored += sum(t.numel() * t.element_size() for t in delta.stored_state().values())
+            spec = registry.get(state_of(model).adapters[n].method)
+            formula += spec.delta_cls.trainable_formula(delta.d_out, delta.d_in, delta.config)
+    all_adapter = {id(p) for _, h in hosts(model) for p in h.deltas.parameters()}
+    base = sum(p.numel() for p in model.parameters() if id(p) not in all_adapter)
+    return {"trainable": trainable, "stored_bytes": stored, "base": base, "formula": formula}

@@ -1,0 +1,64 @@
+"""Config base class: every method's options are a dataclass validated with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Base of every method's options. Subclasses add fields and override :meth:`validate`.
+
+    ``method`` is filled in by the registry; it is not a user option.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for an option out of range. Subclasses extend this."""
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def _require(self, ok: bool, option: str, value: Any, need: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.method or type(self).__name__}: {option}={value!r} is invalid; {need}.")
+
+    def _positive_int(self, option: str) -> None:
+        v = getattr(self, option)
+        self._require(isinstance(v, int) and not isinstance(v, bool) and v > 0, option, v, "it must be an integer >= 1")
+
+    def _non_negative(self, option: str) -> None:
+        v = getattr(self, option)
+        self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, option, v, "it must be a number >= 0")
+
+    def _one_of(self, option: str, choices: tuple) -> None:
+        v = getattr(self, option)
+        self._require(v in choices, option, v, f"choose one of {', '.join(map(repr, choices))}")
+
+    # -- JSON round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """Build from user options, rejecting unknown ones with the closest valid name."""
+        known = cls.options()
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{cls.method or cls.__name__}: unknown option {key!r}.{hint} "
+                    f"Valid options: {', '.join(known) or '(none)'}."
+                )
+        return cls(**data)

@@ -1,0 +1,105 @@
+"""The Delta contract every method implements (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import AdapterFileError
+from .config import AdapterConfig
+from .geometry import Geometry
+
+
+class Delta(nn.Module):
+    """One adapter on one base module.
+
+    A method subclasses this, registers it with :func:`paretune.core.registry.register`, and
+    implements:
+
+    * ``__init__(geometry, config)``: build parameters and initialise them as the paper says;
+    * :meth:`forward` ``(x, base_out)``: the adapted output (the fast path);
+    * :meth:`delta_weight`: the dense ΔW in (d_out, d_in) matrix layout, or None if the
+      method is not a weight delta (then it cannot be merged);
+    * :meth:`trainable_formula`: the paper's trainable-parameter count for one layer;
+    * optionally :meth:`stored_state` (what is saved; default: every parameter) and
+      :meth:`restore_base` (undo a change the init made to the base weight, e.g. PiSSA).
+    """
+
+    method: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+    shifts_base: ClassVar[bool] = False  # True if __init__ changed the base weight (see unshift)
+
+    def __init__(self, geometry: Geometry, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        self.kind = geometry.kind
+        self.d_out = geometry.d_out
+        self.d_in = geometry.d_in
+        # plain attribute (a tuple hides the base module from nn.Module's registration)
+        self._geometry = (geometry,)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self._geometry[0]
+
+    # -- the contract ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """Dense ΔW, (d_out, d_in) in float32 precision of the parameters; None if not mergeable."""
+        return None
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Change of the base bias when merged (most methods: none)."""
+        return None
+
+    @classmethod
+    def trainable_formula(cls, d_out: int, d_in: int, config: AdapterConfig) -> int:  # pragma: no cover
+        """Trainable parameters of one adapted layer of matrix shape (d_out, d_in), per the paper."""
+        raise NotImplementedError
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The tensors :func:`paretune.save` writes. Default: every parameter of the delta."""
+        return {n: p.detach() for n, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        """Copy tensors saved by :meth:`stored_state` back in (strict: names and shapes)."""
+        own = self.stored_state()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise AdapterFileError(
+                f"adapter tensors for {where or 'a module'} do not match {self.method}: "
+                f"missing {missing or 'none'}, unexpected {extra or 'none'}. "
+                "Was the file written by another method or version?"
+            )
+        params = dict(self.named_parameters())
+        params.update(dict(self.named_buffers()))
+        for name, value in state.items():
+            target = params[name]
+            if tuple(target.shape) != tuple(value.shape):
+                raise AdapterFileError(
+                    f"{where}.{name}: saved shape {tuple(value.shape)} != expected {tuple(target.shape)}; "
+                    "the adapter was made with other options or another base model."
+                )
+            target.copy_(value.to(target.dtype))
+
+    def unshift(self, x: torch.Tensor) -> torch.Tensor:
+        """For a delta with ``shifts_base``: what to add to the host's base output to get the
+        original base's output (used while the adapter is off, so that off means unchanged)."""
+        raise NotImplementedError
+
+    def restore_base(self) -> None:
+        """Undo what construction did to the base weight (called by unload when not merged)."""
+
+    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, d_in), B (d_out, r), scaling) with ΔW = scaling·B·A, for PEFT export; None if
+        the method has no exact LoRA form."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{self.method}: d_in={self.d_in}, d_out={self.d_out}"

@@ -1,0 +1,202 @@
+"""How each kind of base module reads as a matrix map ``y = W x`` of shape (d_out, d_in).
+
+A Delta is written once against this view; the geometry maps it onto the module's real op:
+
+=========  =====================  ====================================================
+kind       native weight          matrix view (d_out, d_in) and input projection
+=========  =====================  ====================================================
+linear     (out, in)              W;           M x  = x @ M.T
+conv1d     (in, out) (GPT-2)      W.T;         M x  = x @ M.T
+embedding  (num, dim)             W.T;         M x  = M.T[ids]  (a one-hot input)
+conv2d     (out, in, kh, kw)      (out, in*kh*kw); M x = conv2d(x, M as a kernel)
+=========  =====================  ====================================================
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TargetError
+
+try:  # transformers' GPT-2 style linear layer with a transposed weight
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = None
+
+
+class Geometry:
+    """The matrix view of a base module (see the module docstring)."""
+
+    kind = ""
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+
+    # shapes ---------------------------------------------------------------------------------
+    @property
+    def d_out(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def d_in(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    # matrix view ---------------------------------------------------------------------------
+    def matrix(self) -> torch.Tensor:
+        """The base weight as a (d_out, d_in) matrix (a view where possible)."""
+        raise NotImplementedError
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        """A (d_out, d_in) matrix in the base weight's own layout."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def add_to_weight(self, delta: torch.Tensor, sign: float = 1.0) -> None:
+        """W += sign * delta, computed in float32 and cast back to the weight's dtype."""
+        w = self.weight
+        new = w.float() + sign * self.to_native(delta.float())
+        w.copy_(new.to(w.dtype))
+
+    # ops -----------------------------------------------------------------------------------
+    def project_in(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Apply a (k, d_in) matrix to the input as the base op would: a k-channel output."""
+        return F.linear(x, m)
+
+    def project_out(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Apply a (d_out, k) matrix to a k-channel hidden output: shaped like the base output."""
+        return F.linear(h, m)
+
+    def channel_dim(self) -> int:
+        """Which dimension of the output holds the d_out channels."""
+        return -1
+
+
+class LinearGeometry(Geometry):
+    kind = "linear"
+
+    @property
+    def d_out(self) -> int:
+        return self.base.out_features
+
+    @property
+    def d_in(self) -> int:
+        return self.base.in_features
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.weight
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+
+class Conv1DGeometry(Geometry):
+    """transformers' ``Conv1D`` (GPT-2): weight (in, out), y = x @ W + b."""
+
+    kind = "conv1d"
+
+    @property
+    def d_out(self) -> int:
+        return self.base.weight.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.base.weight.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.weight.T
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T
+
+
+class EmbeddingGeometry(Geometry):
+    """``nn.Embedding`` as a linear map from one-hot ids (d_in = num_embeddings) to vectors."""
+
+    kind = "embedding"
+
+    @property
+    def d_out(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def d_in(self) -> int:
+        return self.base.num_embeddings
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.weight.T
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T
+
+    def project_in(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.embedding(x, m.T, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+
+class Conv2dGeometry(Geometry):
+    """``nn.Conv2d`` (groups=1): the kernel flattened to (out, in*kh*kw); the down projection is
+    a convolution with the base's stride, padding and dilation, the up projection a 1x1."""
+
+    kind = "conv2d"
+
+    def __init__(self, base: nn.Conv2d):
+        super().__init__(base)
+        if base.groups != 1:
+            raise TargetError(
+                f"Conv2d with groups={base.groups} is not supported (only groups=1); "
+                "leave grouped or depthwise convolutions out of `targets`."
+            )
+        if base.padding_mode != "zeros":
+            raise TargetError(f"Conv2d with padding_mode={base.padding_mode!r} is not supported (only 'zeros').")
+
+    @property
+    def d_out(self) -> int:
+        return self.base.out_channels
+
+    @property
+    def d_in(self) -> int:
+        kh, kw = self.base.kernel_size
+        return self.base.in_channels * kh * kw
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.weight.reshape(self.d_out, -1)
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(self.base.weight.shape)
+
+    def project_in(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        kernel = m.reshape(m.shape[0], b.in_channels, *b.kernel_size)
+        return F.conv2d(x, kernel, None, b.stride, b.padding, b.dilation)
+
+    def project_out(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bk...,ok->bo...", h, m)
+
+    def channel_dim(self) -> int:
+        return 1
+
+
+def geometry_for(module: nn.Module) -> Geometry | None:
+    """The geometry of a supported base module, or None if its kind is not supported."""
+    if isinstance(module, nn.Linear):
+        return LinearGeometry(module)
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return Conv1DGeometry(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingGeometry(module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dGeometry(module)
+    return None
+
+
+SUPPORTED_TYPES: tuple[type, ...] = tuple(t for t in (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d) if t is not None)

@@ -1,0 +1,158 @@
+"""Target matching (names, suffixes, regex, "all-linear") and wrapping / unwrapping of hosts."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterator, Sequence, Union
+
+from torch import nn
+
+from ..errors import TargetError
+from .geometry import geometry_for
+from .host import Host
+
+Targets = Union[str, Sequence[str], None]
+LINEAR_KINDS = ("linear", "conv1d")
+
+
+def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of the model's modules, not descending into hosts (a host stands for the
+    module it wraps, under the same name)."""
+
+    def walk(prefix: str, module: nn.Module):
+        yield prefix, module
+        if isinstance(module, Host):
+            return
+        for child_name, child in module._modules.items():
+            if child is not None:
+                yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    yield from walk("", model)
+
+
+def kind_of(module: nn.Module) -> str | None:
+    if isinstance(module, Host):
+        return module.kind
+    try:
+        g = geometry_for(module)
+    except TargetError:
+        return None
+    return g.kind if g is not None else None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s) that "all-linear" leaves out (as PEFT does)."""
+    heads: set[str] = set()
+    get = getattr(model, "get_output_embeddings", None)
+    head = None
+    if callable(get):
+        try:
+            head = get()
+        except Exception:
+            head = None
+    for name, module in iter_modules(model):
+        if head is not None and (module is head or (isinstance(module, Host) and module.base is head)):
+            heads.add(name)
+    if not heads:
+        for name, _ in iter_modules(model):
+            if name.split(".")[-1] in ("lm_head", "classifier", "score"):
+                heads.add(name)
+    return heads
+
+
+def _candidates_text(names: list[str], limit: int = 40) -> str:
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    return f"module names: {shown}; suffixes: {', '.join(suffixes)}"
+
+
+def match_targets(model: nn.Module, targets: Targets, kinds: Sequence[str], method: str = "") -> list[str]:
+    """Names of the modules ``targets`` selects among those of a kind the method supports.
+
+    * ``None`` or ``"all-linear"``: every Linear / Conv1D except the output head;
+    * a string: a regular expression that must match the whole module name;
+    * a list of strings: exact module names or name suffixes (``"q_proj"`` matches
+      ``model.layers.0.self_attn.q_proj``).
+    """
+    modules = list(iter_modules(model))
+    supported = [(n, m) for n, m in modules if n and kind_of(m) in kinds]
+    supported_names = [n for n, _ in supported]
+    if targets is None or targets == "all-linear":
+        heads = output_head_names(model)
+        chosen = [n for n, m in supported if kind_of(m) in LINEAR_KINDS and n not in heads]
+        if not chosen:
+            raise TargetError(
+                f"{method}: 'all-linear' found no Linear/Conv1D layer besides the output head. "
+                f"Name targets explicitly; {_candidates_text(supported_names)}."
+            )
+        return chosen
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise TargetError(f"targets={targets!r} is not a valid regular expression ({e}).") from None
+        chosen = [n for n in supported_names if pattern.fullmatch(n)]
+        others = [n for n, m in modules if n and n not in chosen and pattern.fullmatch(n)]
+    elif isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets) and len(targets) > 0:
+        def hit(name: str) -> bool:
+            return any(name == t or name.endswith("." + t) for t in targets)
+
+        chosen = [n for n in supported_names if hit(n)]
+        others = [n for n, m in modules if n and n not in chosen and hit(n)]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+        if chosen and unmatched:
+            warnings.warn(f"{method}: targets {unmatched} matched no module; adapting {len(chosen)} others.")
+    else:
+        raise TargetError(
+            f"targets={targets!r} is not understood: give 'all-linear', a regex string, or a list of module "
+            "names / suffixes such as ['q_proj', 'v_proj']."
+        )
+    if not chosen:
+        if others:
+            types = sorted({type(dict(modules)[n]).__name__ for n in others})
+            raise TargetError(
+                f"{method}: targets {targets!r} matched only modules of type {', '.join(types)} "
+                f"({', '.join(others[:10])}), which {method or 'this method'} cannot adapt "
+                f"(it adapts: {', '.join(kinds)}). Candidates: {_candidates_text(supported_names)}."
+            )
+        raise TargetError(
+            f"{method}: targets {targets!r} matched no module. Candidates: {_candidates_text(supported_names)}."
+        )
+    return chosen
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def wrap(model: nn.Module, name: str) -> Host:
+    """The host at ``name``, wrapping the module there first if it is not one yet."""
+    module = model.get_submodule(name)
+    if isinstance(module, Host):
+        return module
+    host = Host(module)
+    _set_module(model, name, host)
+    return host
+
+
+def unwrap(model: nn.Module, name: str) -> nn.Module:
+    """Put the host's base module back in its place; returns the base module."""
+    host = model.get_submodule(name)
+    if not isinstance(host, Host):
+        return host
+    _set_module(model, name, host.base)
+    return host.base
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
+    """(name, host) for every host in the model."""
+    for name, module in iter_modules(model):
+        if isinstance(module, Host):
+            yield name, module

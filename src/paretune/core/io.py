@@ -1,0 +1,182 @@
+"""Save and load adapters: a folder with ``paretune.json`` and ``adapter.safetensors``.
+
+``paretune.json`` holds the format version, the library version, the method, its config, the
+adapted module names and a fingerprint of the base (each adapted module's kind and weight
+shape, plus their SHA-256). Loading onto a model whose fingerprint differs is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import AdapterFileError, ParetuneError
+from . import registry
+from .atomic import atomic_dir
+from .inject import kind_of
+from .state import record_of
+
+CONFIG_FILE = "paretune.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT = "paretune-adapter"
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, Any]:
+    """Kind and weight shape of each named module, and a hash of the whole list."""
+    modules: dict[str, Any] = {}
+    for name in module_names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            modules[name] = None
+            continue
+        w = getattr(m, "weight", None)
+        modules[name] = {"kind": kind_of(m), "shape": list(w.shape) if w is not None else None}
+    digest = hashlib.sha256(json.dumps(modules, sort_keys=True).encode()).hexdigest()
+    return {"modules": modules, "sha256": digest}
+
+
+def _hosts_in_order(model: nn.Module, name: str) -> list[tuple[str, Any]]:
+    rec = record_of(model, name)
+    return [(m, model.get_submodule(m)) for m in rec.targets]
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` to folder ``path`` atomically; returns the path.
+
+    The folder holds ``paretune.json`` and ``adapter.safetensors`` (only what the method
+    stores: e.g. no frozen random bases, which are regenerated from a seed)."""
+    rec = record_of(model, name)
+    if rec.merged:
+        raise ParetuneError(
+            f"adapter {name!r} is merged into the base weights; unmerge it before saving, or save the merged model "
+            "with model.save_pretrained."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, host in _hosts_in_order(model, name):
+        for key, t in host.deltas[name].stored_state().items():
+            tensors[f"{module_name}.{key}"] = t.detach().to("cpu").contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "name": name,
+        "method": rec.method,
+        "config": rec.config.to_dict(),
+        "targets": rec.targets,
+        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "fingerprint": fingerprint(model, rec.targets),
+    }
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "paretune_method": rec.method})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``paretune.json`` of an adapter folder (clear errors when absent or corrupt)."""
+    path = Path(path)
+    cfg = path / CONFIG_FILE
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not an adapter folder (it does not exist or is a file).")
+    if not cfg.is_file():
+        hint = " It looks like a PEFT adapter: use paretune.import_peft." if (path / "adapter_config.json").exists() else ""
+        raise AdapterFileError(f"{path} has no {CONFIG_FILE}; it was not written by paretune.save.{hint}")
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg} is corrupt (not valid JSON: {e}); save the adapter again.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{cfg} is not a paretune adapter description (format != {FORMAT!r}).")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{cfg} has format version {meta['format_version']}; this paretune ({__version__}) reads up to "
+            f"{FORMAT_VERSION}. Upgrade paretune."
+        )
+    for key in ("method", "config", "targets", "fingerprint"):
+        if key not in meta:
+            raise AdapterFileError(f"{cfg} is missing {key!r}; the file is corrupt.")
+    return meta
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    f = Path(path) / WEIGHTS_FILE
+    if not f.is_file():
+        raise AdapterFileError(f"{Path(path)} has no {WEIGHTS_FILE}; the adapter folder is incomplete.")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{f} is corrupt or truncated ({e}); save the adapter again.") from None
+
+
+def check_fingerprint(model: nn.Module, meta: dict[str, Any], path: Any) -> None:
+    """Raise if the model's modules at the saved targets differ from the saved fingerprint."""
+    from .host import Host
+
+    saved = meta["fingerprint"]["modules"]
+    problems = []
+    for name, want in saved.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such module")
+            continue
+        if isinstance(m, Host):
+            m = m.base
+        w = getattr(m, "weight", None)
+        have = {"kind": kind_of(m), "shape": list(w.shape) if w is not None else None}
+        if have != want:
+            problems.append(f"{name}: saved {want['kind']} {want['shape']}, model has {have['kind']} {have['shape']}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise AdapterFileError(
+            f"the adapter in {path} was made for another base model ({meta.get('base_model') or 'unknown'}): "
+            f"{shown}. Load it onto the model it was trained on."
+        )
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, trainable: bool = False) -> nn.Module:
+    """Add the adapter saved in folder ``path`` to ``model`` (in place) and return the model.
+
+    ``name`` defaults to the saved name. The adapter is active; its parameters are trainable only
+    with ``trainable=True``. Nothing changes on the model if the file is corrupt or the base differs.
+    """
+    from ..api import adapt, remove
+
+    meta = read_meta(path)
+    tensors = read_tensors(path)
+    spec = registry.get(meta["method"])
+    check_fingerprint(model, meta, path)
+    name = name or meta.get("name") or "default"
+    per_module: dict[str, dict[str, torch.Tensor]] = {t: {} for t in meta["targets"]}
+    for key, t in tensors.items():
+        module_name, _, tensor_name = key.rpartition(".")
+        while module_name and module_name not in per_module and "." in module_name:
+            module_name, _, head = module_name.rpartition(".")
+            tensor_name = f"{head}.{tensor_name}"
+        if module_name not in per_module:
+            raise AdapterFileError(f"{path}: tensor {key!r} belongs to no adapted module; the file is corrupt.")
+        per_module[module_name][tensor_name] = t
+    grad = {id(p): p.requires_grad for p in model.parameters()}
+    exact = "|".join(re.escape(t) for t in meta["targets"])
+    adapt(model, spec.name, name=name, targets=exact, **meta["config"])
+    try:
+        for module_name, state in per_module.items():
+            model.get_submodule(module_name).deltas[name].load_stored(state, where=module_name)
+    except Exception:
+        remove(model, name)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(grad.get(id(p), trainable))
+    return model

@@ -1,0 +1,3 @@
+"""Built-in methods: one file per family, each registering itself on import."""
+
+from . import lora, pissa  # noqa: F401
