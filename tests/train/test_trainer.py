@@ -144,3 +144,11 @@ def test_bad_inputs(tiny_bert, minilm_tokenizer, colour_data):
               method="lora", steps=1, progress=False)
     with pytest.raises(ParetuneError, match="steps"):
         train(model, colour_data, tokenizer=minilm_tokenizer, method="lora", steps=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_uses_bf16(tiny_bert, minilm_tokenizer, colour_data):
+    res = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, colour_data, tokenizer=minilm_tokenizer,
+                method="lora", steps=3, batch_size=8, progress=False)
+    assert res.metrics["device"].startswith("cuda") and res.metrics["mixed_precision"] == "bf16"
+    assert res.metrics["peak_memory_bytes"] > 0 and res.history[-1] == res.history[-1]  # finite
