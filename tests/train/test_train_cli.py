@@ -21,7 +21,7 @@ def test_train_writes_adapter_and_metrics(tmp_path, method):
     out = tmp_path / method
     m = run_training(model="minilm-l6", task="city-continent", data=None, eval_data=None, method=method,
                      options={"r": 2} if method == "lora" else {}, targets=None, steps=2, lr=1e-3, batch_size=8,
-                     seed=0, out=out, max_train=64, max_eval=16, progress=False)
+                     seed=0, out=out, max_train=256, max_eval=16, progress=False)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
     for key in ("method", "trainable", "stored_bytes", "train_seconds", "peak_memory_bytes", "accuracy"):
@@ -29,6 +29,7 @@ def test_train_writes_adapter_and_metrics(tmp_path, method):
     assert (out / "head" / "head.safetensors").is_file()
     assert (out / "adapter" / "paretune.json").is_file() == (method == "lora")
     if method == "head":
+        assert saved["num_labels"] == 6  # a hash-ordered prefix of 256 cities covers every continent
         assert saved["trainable"] == 384 * 6 + 6 and saved["stored_bytes"] == 4 * saved["trainable"]
 
 

@@ -28,11 +28,11 @@ class Task:
     build: Callable[[], list[tuple[str, str]]]  # (input, answer) pairs
 
     def splits(self, test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
-        """(train, test) datasets, fixed by a hash of each input."""
+        """(train, test) datasets, fixed by a hash of each input and ordered by it."""
         train, test = [], []
-        for x, y in self.build():
-            h = int(hashlib.sha1(f"{self.name}|{x}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            (test if h < test_fraction else train).append(self._row(x, y))
+        keyed = sorted((hashlib.sha1(f"{self.name}|{x}".encode()).hexdigest(), x, y) for x, y in self.build())
+        for h, x, y in keyed:  # in hash order: any prefix (--max-train N) is a random sample
+            (test if int(h[:8], 16) / 0xFFFFFFFF < test_fraction else train).append(self._row(x, y))
         return Dataset(self.kind, train, f"task:{self.name}/train"), Dataset(self.kind, test, f"task:{self.name}/test")
 
     def _row(self, x: str, y: str) -> dict[str, str]:

@@ -88,7 +88,8 @@ def run_training(
     metrics = {
         "method": method, "options": options, "model": model, "task": task or str(data), "seed": seed, "lr": lr,
         "batch_size": batch_size, "trainable": trainable, "adapter_trainable": adapter_trainable,
-        "stored_bytes": stored, "train_examples": len(train_ds), "eval_examples": len(eval_ds) if eval_ds else 0,
+        "stored_bytes": stored, "train_examples": len(train_ds),
+        "num_labels": len(train_ds.labels()) if kind == "classification" else None, "eval_examples": len(eval_ds) if eval_ds else 0,
         **result.metrics,
     }
     if save_weights:
