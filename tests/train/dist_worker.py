@@ -24,3 +24,6 @@ result = train(model, data, tokenizer=tok, method="lora", options={"r": 2, "init
 assert result.metrics["world_size"] == int(os.environ.get("WORLD_SIZE", "1"))
 if int(os.environ.get("RANK", "0")) == 0:
     save_file({n: p.detach().contiguous() for n, p in result.model.named_parameters() if p.requires_grad}, sys.argv[1])
+if torch.distributed.is_initialized():  # a gloo group left alive at exit aborts the process ("terminate called")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -50,9 +50,9 @@ def test_two_processes_equal_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = str(HERE / "dist_worker.py")
     one, two = tmp_path / "one.st", tmp_path / "two.st"
-    subprocess.run([sys.executable, worker, str(one)], check=True, env=env, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29517", worker, str(two)], env=env, capture_output=True, text=True)
+    subprocess.run([sys.executable, worker, str(one)], check=True, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           worker, str(two)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(str(one)), load_file(str(two))
     assert a.keys() == b.keys() and len(a) > 0

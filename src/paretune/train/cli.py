@@ -92,7 +92,10 @@ def run_training(
         "num_labels": len(train_ds.labels()) if kind == "classification" else None, "eval_examples": len(eval_ds) if eval_ds else 0,
         **result.metrics,
     }
-    if save_weights:
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if save_weights and main:  # under accelerate launch / torchrun only rank 0 writes
         if method in all_methods():
             save(net, out / "adapter")
         if method == "full":
@@ -102,7 +105,11 @@ def run_training(
         elif head_tensors:
             with atomic_dir(out / "head") as tmp:
                 save_file(head_tensors, str(tmp / "head.safetensors"))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if main:
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if dist.is_initialized():  # a gloo/nccl group alive at interpreter exit aborts the process
+        dist.barrier()
+        dist.destroy_process_group()
     return metrics
 
 

@@ -1,0 +1,131 @@
+"""Budget matching: the size knob of a method that makes its trainable count closest to a budget.
+
+A method's *knob* is the one integer config option that sets its size: ``spec.budget_option``
+when the method declares one, else ``r`` when its config has an ``r`` field (LoRA, PiSSA), else
+none (a method of fixed size: its count is what it is, whatever the budget).
+
+The count is the method's own formula (``delta_cls.trainable_formula``) summed over the layers
+the targets select, so nothing is built: matching a budget on a 135M-parameter model takes
+milliseconds. Layers are grouped by shape, and every knob value from 1 to the smallest
+``min(d_out, d_in)`` of the targeted layers is scanned (no monotonicity is assumed); ties go to
+the smaller value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Sequence
+
+from torch import nn
+
+from ..core import registry
+from ..core.geometry import geometry_for
+from ..core.inject import Targets, match_targets
+from ..errors import ParetuneError
+
+
+class BudgetError(ParetuneError):
+    """No setting of a method's knob comes near the requested budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetMatch:
+    method: str
+    budget: int | None
+    knob: str | None  # the option that was set, None for a method of fixed size
+    options: dict[str, Any]
+    trainable: int  # the formula's count with these options
+
+
+def knob_of(spec: registry.MethodSpec) -> str | None:
+    """The integer option that sets a method's size, or None if it has none."""
+    return getattr(spec, "budget_option", None) or ("r" if "r" in spec.config_cls.options() else None)
+
+
+def layer_shapes(model: nn.Module, method: str, targets: Targets = None) -> Counter:
+    """``Counter({(d_out, d_in): how many targeted layers have that shape})``. Raises
+    :class:`paretune.errors.TargetError` when the method can adapt none of the targets."""
+    spec = registry.get(method)
+    shapes: Counter = Counter()
+    for name in match_targets(model, targets, spec.kinds, spec.name):
+        g = geometry_for(model.get_submodule(name))
+        shapes[(g.d_out, g.d_in)] += 1
+    return shapes
+
+
+def formula_count(method: str, shapes: Counter, options: dict[str, Any]) -> int:
+    """Trainable parameters of ``method`` with ``options`` on layers of these shapes (by formula)."""
+    spec = registry.get(method)
+    config = spec.config_cls.from_dict(options)
+    return sum(n * spec.delta_cls.trainable_formula(d_out, d_in, config) for (d_out, d_in), n in shapes.items())
+
+
+def trainable_count(model: nn.Module, method: str, options: dict[str, Any] | None = None,
+                    targets: Targets = None) -> int:
+    """Trainable parameters ``paretune.adapt(model, method, targets=targets, **options)`` would add."""
+    return formula_count(method, layer_shapes(model, method, targets), dict(options or {}))
+
+
+def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targets = None,
+                options: dict[str, Any] | None = None, tolerance: float | None = 2.0) -> BudgetMatch:
+    """The knob value whose trainable count is closest to ``budget`` (see the module docstring).
+
+    ``options``: other options held fixed (e.g. ``{"alpha": 16}``). ``tolerance``: the closest
+    count must lie within a factor ``tolerance`` of the budget, else :class:`BudgetError` says
+    which budgets the method can reach (``None``: accept the closest, however far).
+    """
+    spec = registry.get(method)
+    base = dict(options or {})
+    shapes = layer_shapes(model, method, targets)
+    knob = knob_of(spec)
+    if knob is None or budget is None:
+        return BudgetMatch(spec.name, budget, None, base, formula_count(method, shapes, base))
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise BudgetError(f"budget={budget!r} is invalid; give a number of trainable parameters >= 1.")
+    if knob in base:
+        raise BudgetError(f"{method}: option {knob!r} is what the budget sets; do not fix it as well.")
+    top = min(min(shape) for shape in shapes)
+    best: tuple[int, int] | None = None  # (count, value)
+    low = high = None
+    errors: list[str] = []
+    for value in range(1, top + 1):
+        try:
+            n = formula_count(method, shapes, {**base, knob: value})
+        except ParetuneError as e:  # a value the method's validation rejects
+            errors.append(str(e))
+            continue
+        low = n if low is None else min(low, n)
+        high = n if high is None else max(high, n)
+        if best is None or abs(n - budget) < abs(best[0] - budget):
+            best = (n, value)
+    if best is None:
+        raise BudgetError(f"{method}: no value of {knob} in 1..{top} is valid on this model"
+                          + (f" ({errors[0]})" if errors else "") + ".")
+    count, value = best
+    if tolerance is not None and not (budget / tolerance <= count <= budget * tolerance):
+        raise BudgetError(
+            f"{method}: no {knob} fits a budget of {budget:,} trainable parameters on these "
+            f"{sum(shapes.values())} layers; the closest is {knob}={value} with {count:,}. "
+            f"{method} reaches {low:,} ({knob}=1) to {high:,} ({knob}={top}); choose a budget in that range."
+        )
+    return BudgetMatch(spec.name, budget, knob, {**base, knob: value}, count)
+
+
+def match_budget(model: nn.Module, method: str, budget: int, targets: Targets = None,
+                 options: dict[str, Any] | None = None, tolerance: float | None = 2.0) -> dict[str, Any]:
+    """Options for ``method`` (its size knob set) whose trainable count is closest to ``budget``;
+    a method without a knob gets ``options`` unchanged (its fixed count). See :func:`plan_budget`."""
+    return plan_budget(model, method, budget, targets, options, tolerance).options
+
+
+def budgets_for_knob_values(model: nn.Module, method: str, values: Sequence[int],
+                            targets: Targets = None) -> list[int]:
+    """The trainable counts of ``method`` at these knob values (e.g. LoRA r=2 and r=8): budgets
+    that give that method exactly those sizes."""
+    spec = registry.get(method)
+    knob = knob_of(spec)
+    if knob is None:
+        raise BudgetError(f"{method} has no size option to set.")
+    shapes = layer_shapes(model, method, targets)
+    return [formula_count(method, shapes, {knob: v}) for v in values]
