@@ -32,7 +32,8 @@ ADAPTER_DTYPES = (torch.float32, torch.float64)
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in float32 on half-precision bases (as PEFT's autocast_adapter_dtype)."""
+    """Adapters train in float32 on half-precision bases (as PEFT's autocast_adapter_dtype) and
+    in the base's own precision on float32 / float64 bases; dense deltas are computed in it too."""
     return weight.dtype if weight.dtype in ADAPTER_DTYPES else torch.float32
 
 
@@ -110,7 +111,8 @@ class LoraDelta(Delta):
         return base_out + g.project_out(h, self.B * self.scaling).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.B.float() @ self.A.float())
+        dtype = adapter_dtype(self.A)  # float64 adapters keep their precision
+        return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
 
     def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.A.detach(), self.B.detach(), self.scaling

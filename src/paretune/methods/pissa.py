@@ -7,11 +7,13 @@ so W_res + s·B·A == W at init and training then moves the principal directions
 writes A for the d_out×r factor; paretune keeps LoRA's names, A down, B up.) Dividing S by the
 LoRA scaling s (as the reference code and PEFT do) keeps the identity for any alpha.
 
-``niter=None`` computes an exact SVD; an integer uses the fast randomized SVD
-(``torch.svd_lowrank`` with ``niter`` subspace iterations), seeded by ``svd_seed`` so that
-loading recomputes the same residual. Saved files hold A and B only: ``paretune.load``
-recomputes W_res from the original base; ``paretune.export_peft`` writes the equivalent
-rank-2r LoRA on the original weights (ΔW = s·(B·A − B₀·A₀)), as PEFT's PiSSA conversion does.
+``niter=None`` computes an exact SVD; an integer uses the fast randomized SVD (Halko, Martinsson
+and Tropp 2011: randomized subspace iteration with ``niter`` iterations, the algorithm of
+``torch.svd_lowrank``) with its random start drawn from a private generator seeded by
+``svd_seed``, so that loading recomputes the same residual and no global random state (CPU or
+CUDA) is touched. Saved files hold A and B only: ``paretune.load`` recomputes W_res from the
+original base; ``paretune.export_peft`` writes the equivalent rank-2r LoRA on the original
+weights (ΔW = s·(B·A − B₀·A₀)), as PEFT's PiSSA conversion does.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from ..core.geometry import Geometry
 from ..core.registry import register
 from ..errors import ConfigError
-from .lora import LoraDelta, LowRankConfig
+from .lora import LoraDelta, LowRankConfig, adapter_dtype
 
 
 @dataclasses.dataclass
@@ -41,16 +43,27 @@ class PissaConfig(LowRankConfig):
 
 
 def principal_factors(w: torch.Tensor, r: int, niter: int | None, seed: int) -> tuple[torch.Tensor, ...]:
-    """Top-r singular triplets (U_r, S_r, V_rᵀ) of ``w`` (float32), exact or randomized."""
-    w = w.float()
+    """Top-r singular triplets (U_r, S_r, V_rᵀ) of ``w``, exact or randomized, computed in float32
+    (float64 for a float64 ``w``)."""
+    w = w.to(adapter_dtype(w))
     if niter is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
-    devices = [w.device] if w.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
-    return u, s, v.T
+    return randomized_svd(w, r, niter, seed)
+
+
+def randomized_svd(w: torch.Tensor, r: int, niter: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Rank-r randomized SVD of ``w`` (Halko et al. 2011, Alg. 4.4 then 5.1): an orthonormal basis
+    Q of the range of ``w @ Ω`` (Ω Gaussian, from a generator seeded by ``seed``), refined by
+    ``niter`` subspace iterations, then the exact SVD of the small ``Qᵀ w``."""
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    omega = torch.randn(w.shape[1], r, generator=gen, device=w.device, dtype=w.dtype)
+    q = torch.linalg.qr(w @ omega).Q
+    for _ in range(niter):
+        q = torch.linalg.qr(w.T @ q).Q
+        q = torch.linalg.qr(w @ q).Q
+    u, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)
+    return q @ u, s, vh
 
 
 @register(
@@ -80,7 +93,12 @@ class PissaDelta(LoraDelta):
         # the starting factors: kept (not saved) to restore the base and to export to PEFT
         self.register_buffer("A0", self.A.detach().clone(), persistent=False)
         self.register_buffer("B0", self.B.detach().clone(), persistent=False)
-        self.geometry.add_to_weight(self.scaling * (self.B0.float() @ self.A0.float()), sign=-1.0)
+        self.geometry.add_to_weight(self._start_delta(), sign=-1.0)
+
+    def _start_delta(self) -> torch.Tensor:
+        """s·B₀·A₀, the principal part moved out of the base at init."""
+        dtype = adapter_dtype(self.A0)
+        return self.scaling * (self.B0.to(dtype) @ self.A0.to(dtype))
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {"A": self.A.detach(), "B": self.B.detach()}
@@ -92,7 +110,7 @@ class PissaDelta(LoraDelta):
         return g.project_out(g.project_in(x, self.A0), self.B0 * self.scaling)
 
     def restore_base(self) -> None:
-        self.geometry.add_to_weight(self.scaling * (self.B0.float() @ self.A0.float()), sign=1.0)
+        self.geometry.add_to_weight(self._start_delta(), sign=1.0)
 
     def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         a = torch.cat([self.A.detach(), self.A0], dim=0)

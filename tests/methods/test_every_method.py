@@ -1,0 +1,319 @@
+"""The Delta contract, checked for every registered method (a new method is covered here as soon
+as it registers): merged == unmerged, save/load round trip, trainable count == the method's own
+formula, gradients only on the adapter, unload.
+
+Each method runs with its default options and a small rank, on three tiny models: a random Llama
+(Linear layers), a toy MLP, and a model with one Embedding, GPT-2 Conv1D and Conv2d each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import paretune
+from paretune.core import registry
+from paretune.core.host import Host
+from paretune.errors import ParetuneError
+
+METHODS = sorted(paretune.methods())
+SMALL_RANK = 2
+# per-method options for the tiny models, on top of the defaults (a method whose defaults do not
+# fit a 8..64-wide layer gets its small settings here)
+EXTRA_OPTIONS: dict[str, dict] = {}
+ATOL = 1e-5
+
+
+def small_options(method: str) -> dict:
+    spec = registry.get(method)
+    opts = {"r": SMALL_RANK} if "r" in spec.config_cls.options() else {}
+    opts.update(EXTRA_OPTIONS.get(method, {}))
+    return opts
+
+
+@dataclasses.dataclass
+class Subject:
+    """A tiny model factory, a batch and how to run the model on it."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    batch: object
+    run_fn: Callable[[nn.Module, object], torch.Tensor]
+
+    @torch.no_grad()
+    def run(self, model: nn.Module) -> torch.Tensor:
+        return self.run_fn(model, self.batch)
+
+    def run_grad(self, model: nn.Module) -> torch.Tensor:
+        return self.run_fn(model, self.batch)
+
+
+@pytest.fixture(params=["llama", "mlp", "mixed"])
+def subject(request) -> Subject:
+    kind = request.param
+    if kind == "llama":
+        return Subject(kind, request.getfixturevalue("make_llama"), request.getfixturevalue("llama_batch"),
+                       lambda m, ids: m(ids).logits)
+    if kind == "mlp":
+        return Subject(kind, request.getfixturevalue("make_mlp"), request.getfixturevalue("mlp_batch"),
+                       lambda m, x: m(x))
+    return Subject(kind, request.getfixturevalue("make_mixed"), request.getfixturevalue("mixed_batch"),
+                   lambda m, b: m(*b))
+
+
+def targets_for(subject: Subject, method: str, model: nn.Module):
+    """all-linear for the Linear models; for the mixed model, its modules of kinds the method supports."""
+    if subject.name != "mixed":
+        return None
+    kinds = {"emb": "embedding", "proj": "conv1d", "conv": "conv2d"}
+    names = [n for n, k in kinds.items() if k in registry.get(method).kinds]
+    if not names:
+        pytest.skip(f"{method} adapts none of embedding / conv1d / conv2d")
+    return names
+
+
+def adapted(subject: Subject, method: str) -> nn.Module:
+    model = subject.make()
+    paretune.adapt(model, method, targets=targets_for(subject, method, model), **small_options(method))
+    return model
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 123) -> None:
+    """Move every trainable number at random, as training would, so that the delta is not zero."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "the adapter has no trainable parameter"
+    for p in params:
+        p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that is not an adapter's, under its name in the plain model."""
+    out = {}
+    for n, p in model.named_parameters():
+        if ".deltas." in n:
+            continue
+        out[n.replace(".base.", ".")] = p.detach().clone()
+    return out
+
+
+def assert_no_adapter_left(model: nn.Module) -> None:
+    assert not any(isinstance(m, Host) for m in model.modules())
+    with pytest.raises(ParetuneError):
+        paretune.adapters(model)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a base module, read from its type (independently of paretune's geometry)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, module.num_embeddings
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels * kh * kw
+    raise AssertionError(f"unexpected adapted module {type(module).__name__}")
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+def test_every_method_is_listed_with_its_formula():
+    assert METHODS, "no method registered"
+    for name, line in paretune.methods().items():
+        spec = registry.get(name)
+        assert spec.summary and spec.formula in line and "trainable per layer" in line
+        assert spec.delta_cls.method == name and spec.config_cls.method == name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_changes_outputs_once_trained(subject, method):
+    """The perturbation used by the other tests really moves the outputs (so they test a non-zero delta)."""
+    base_out = subject.run(subject.make())
+    model = adapted(subject, method)
+    perturb(model)
+    assert (subject.run(model) - base_out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_equals_unmerged(subject, method):
+    model = adapted(subject, method)
+    perturb(model)
+    unmerged = subject.run(model)
+    spec = registry.get(method)
+    if not spec.delta_cls.mergeable:
+        with pytest.raises(ParetuneError, match="cannot be merged"):
+            paretune.merge(model)
+        return
+    before = base_weights(model)
+    paretune.merge(model)
+    assert paretune.adapters(model)["default"].merged
+    torch.testing.assert_close(subject.run(model), unmerged, atol=ATOL, rtol=0)
+    paretune.unmerge(model)
+    torch.testing.assert_close(subject.run(model), unmerged, atol=ATOL, rtol=0)
+    after = base_weights(model)
+    for n, w in before.items():
+        torch.testing.assert_close(after[n], w, atol=1e-6, rtol=0, msg=f"unmerge left {n} changed")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_delta_weight_is_the_dense_reference(subject, method):
+    """W + ΔW (delta_weight, in matrix layout) applied as a plain layer gives the fast path's output."""
+    model = adapted(subject, method)
+    perturb(model)
+    hosts = [m for m in model.modules() if isinstance(m, Host)]
+    assert hosts
+    spec = registry.get(method)
+    for host in hosts:
+        delta = host.deltas["default"]
+        dw = delta.delta_weight()
+        if not spec.delta_cls.mergeable:
+            assert dw is None
+            continue
+        assert tuple(dw.shape) == (delta.d_out, delta.d_in)
+        base = host.base
+        if isinstance(base, nn.Linear):
+            x = torch.randn(3, base.in_features)
+            ref = x @ (base.weight + dw).T + base.bias if base.bias is not None else x @ (base.weight + dw).T
+            with torch.no_grad():
+                torch.testing.assert_close(host(x), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unload_after_merge_keeps_outputs(subject, method):
+    if not registry.get(method).delta_cls.mergeable:
+        pytest.skip(f"{method} is not mergeable (test_merged_equals_unmerged checks merge refuses)")
+    model = adapted(subject, method)
+    perturb(model)
+    expected = subject.run(model)
+    paretune.merge(model)
+    paretune.unload(model)
+    assert_no_adapter_left(model)
+    torch.testing.assert_close(subject.run(model), expected, atol=ATOL, rtol=0)
+    # the plain model has exactly the parameters it had before adapt
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in subject.make().named_parameters()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unload_without_merge_gives_back_the_base(subject, method):
+    original = subject.make()
+    base_out = subject.run(original)
+    model = adapted(subject, method)
+    perturb(model)
+    paretune.unload(model)
+    assert_no_adapter_left(model)
+    torch.testing.assert_close(subject.run(model), base_out, atol=ATOL, rtol=0)
+    restored = dict(model.named_parameters())
+    for n, w in original.named_parameters():
+        torch.testing.assert_close(restored[n].detach(), w.detach(), atol=ATOL, rtol=0, msg=f"{n} not restored")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inactive_adapter_means_the_base(subject, method):
+    base_out = subject.run(subject.make())
+    model = adapted(subject, method)
+    perturb(model)
+    on = subject.run(model)
+    paretune.set_active(model, [])
+    torch.testing.assert_close(subject.run(model), base_out, atol=ATOL, rtol=0)
+    paretune.set_active(model, "default")
+    torch.testing.assert_close(subject.run(model), on, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_then_load_onto_fresh_base(subject, method, tmp_path):
+    model = adapted(subject, method)
+    perturb(model)
+    expected = subject.run(model)
+    paretune.save(model, tmp_path / "adapter")
+
+    fresh = subject.make()
+    paretune.load(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(subject.run(fresh), expected, atol=ATOL, rtol=0)
+    rec, saved = paretune.adapters(fresh)["default"], paretune.adapters(model)["default"]
+    assert (rec.method, rec.config, rec.targets) == (saved.method, saved.config, saved.targets)
+    # what was saved is what the method says it stores, and loading put those very numbers back
+    for (name, host), (_, fresh_host) in zip(_hosts(model), _hosts(fresh)):
+        got = fresh_host.deltas["default"].stored_state()
+        for key, t in host.deltas["default"].stored_state().items():
+            assert torch.equal(got[key], t), f"{name}.{key} differs after load"
+
+
+def _hosts(model: nn.Module) -> list[tuple[str, Host]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Host)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_count_equals_the_methods_formula(subject, method):
+    original = subject.make()
+    model = adapted(subject, method)
+    spec = registry.get(method)
+    rec = paretune.adapters(model)["default"]
+    assert rec.targets, "nothing adapted"
+
+    by_formula = 0
+    for target in rec.targets:
+        d_out, d_in = layer_shape(original.get_submodule(target))
+        by_formula += spec.delta_cls.trainable_formula(d_out, d_in, rec.config)
+    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    cost = paretune.count(model)
+    assert cost["trainable"] == cost["formula"] == by_formula == requires_grad > 0
+    assert cost["base"] == sum(p.numel() for p in original.parameters())
+    assert cost["stored_bytes"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_adapter_parameters_get_gradients(subject, method):
+    model = adapted(subject, method)
+    perturb(model)
+    model.train()
+    out = subject.run_grad(model)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    ((out - target) ** 2).mean().backward()
+
+    adapter, base = 0, 0
+    for n, p in model.named_parameters():
+        if ".deltas.default." in n:
+            adapter += 1
+            assert p.requires_grad, n
+            assert p.grad is not None, f"adapter parameter {n} got no gradient"
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"adapter parameter {n}: zero gradient"
+        else:
+            base += 1
+            assert not p.requires_grad, f"base parameter {n} is trainable"
+            assert p.grad is None, f"base parameter {n} got a gradient"
+    assert adapter > 0 and base > 0
+
+
+# KNOWN CORE BUG (paretune/core/geometry.py, Geometry.add_to_weight): it computes
+# ``w.float() + sign * delta.float()`` and casts back, so on a float64 model every merge, unmerge,
+# unload and PiSSA residual rounds the base weight through float32 (errors ~1e-7 instead of
+# ~1e-16). Computing in torch.promote_types(w.dtype, torch.float32) fixes it. The methods give
+# float64 deltas on float64 adapters; remove this xfail once core is fixed.
+@pytest.mark.xfail(strict=True, reason="core bug: Geometry.add_to_weight rounds float64 weights to float32")
+@pytest.mark.parametrize("method", [m for m in METHODS if registry.get(m).delta_cls.mergeable])
+def test_float64_model_round_trips_at_float64_precision(method):
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8)).double()
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8)).double()
+    model.load_state_dict(original.state_dict())
+    paretune.adapt(model, method, **small_options(method))
+    perturb(model)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        unmerged = model(x)
+        paretune.merge(model)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-12, rtol=0)
+        paretune.unmerge(model)
+    paretune.unload(model)
+    for (n, w), (_, w0) in zip(model.named_parameters(), original.named_parameters()):
+        torch.testing.assert_close(w.detach(), w0.detach(), atol=1e-12, rtol=0, msg=n)
