@@ -12,7 +12,7 @@ from torch import nn
 from .core import registry
 from .core.host import Host
 from .core.inject import Targets, hosts, match_targets, unwrap, wrap
-from .core.state import AdapterRecord, drop_state, record_of, state_of
+from .core.state import AdapterRecord, drop_state, has_state, record_of, state_of
 from .errors import ParetuneError
 
 
@@ -71,13 +71,13 @@ def adapt(
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
-    """The model's adapters by name (method, config, targets, merged)."""
-    return dict(state_of(model).adapters)
+    """The model's adapters by name (method, config, targets, merged); {} for a plain model."""
+    return dict(state_of(model).adapters) if has_state(model) else {}
 
 
 def active(model: nn.Module) -> list[str]:
-    """Names of the active adapters."""
-    return list(state_of(model).active)
+    """Names of the active adapters ([] for a plain model)."""
+    return list(state_of(model).active) if has_state(model) else []
 
 
 def _set_active(model: nn.Module, names: list[str]) -> None:

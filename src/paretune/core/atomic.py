@@ -23,7 +23,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700 folders
+        _normal_modes(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -40,6 +40,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _normal_modes(folder: Path) -> None:
+    """Give a finished folder the modes plain mkdir / open would (mkdtemp makes 0700 folders, and
+    some writers, safetensors among them, make 0600 files)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o755 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, (os.stat(p).st_mode | 0o644) & 0o777 & ~mask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

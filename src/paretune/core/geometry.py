@@ -62,9 +62,11 @@ class Geometry:
 
     @torch.no_grad()
     def add_to_weight(self, delta: torch.Tensor, sign: float = 1.0) -> None:
-        """W += sign * delta, computed in float32 and cast back to the weight's dtype."""
+        """W += sign * delta, computed in float32 (float64 for a float64 weight) and cast back to
+        the weight's dtype."""
         w = self.weight
-        new = w.float() + sign * self.to_native(delta.float())
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        new = w.to(dtype) + sign * self.to_native(delta.to(dtype))
         w.copy_(new.to(w.dtype))
 
     # ops -----------------------------------------------------------------------------------

@@ -61,7 +61,18 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module of a hostable type cannot be hosted (e.g. a grouped Conv2d), else None."""
+    try:
+        geometry_for(module)
+    except TargetError as e:
+        return str(e)
+    return None
+
+
 def _candidates_text(names: list[str], limit: int = 40) -> str:
+    if not names:
+        return "the model has no module of a kind this method adapts"
     suffixes = sorted({n.split(".")[-1] for n in names})
     shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
     return f"module names: {shown}; suffixes: {', '.join(suffixes)}"
@@ -110,7 +121,11 @@ def match_targets(model: nn.Module, targets: Targets, kinds: Sequence[str], meth
         )
     if not chosen:
         if others:
-            types = sorted({type(dict(modules)[n]).__name__ for n in others})
+            by_name = dict(modules)
+            reasons = [r for r in (_unsupported_reason(by_name[n]) for n in others) if r]
+            if reasons:
+                raise TargetError(f"{method}: targets {targets!r}: {reasons[0]}")
+            types = sorted({type(by_name[n]).__name__ for n in others})
             raise TargetError(
                 f"{method}: targets {targets!r} matched only modules of type {', '.join(types)} "
                 f"({', '.join(others[:10])}), which {method or 'this method'} cannot adapt "

@@ -93,11 +93,10 @@ def export_peft(
         "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha0},
         "inference_mode": True,
         "revision": None,
-        "exported_by": f"paretune {__version__} ({rec.method})",
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt", "exported_by": f"paretune {__version__} ({rec.method})"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 

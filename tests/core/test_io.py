@@ -1,0 +1,202 @@
+"""paretune.save / paretune.load: round trips, the folder's contents, base fingerprints, corrupt
+and missing files, atomic writes."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import paretune
+from paretune.core import io as pio
+from paretune.errors import AdapterFileError, ParetuneError
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture
+def two(make_llama, perturb):
+    return lambda: _two_adapters(make_llama, perturb)
+
+
+def _two_adapters(make_llama, perturb):
+    model = make_llama()
+    paretune.adapt(model, "lora", name="a", targets=["q_proj", "v_proj"], r=2, alpha=4)
+    perturb(model, seed=11)  # adapt() freezes earlier adapters: give each its values in turn
+    paretune.adapt(model, "pissa", name="b", targets=["up_proj"], r=3)
+    perturb(model, seed=12)
+    return model
+
+
+def test_round_trip_of_several_adapters(two, make_llama, ids, tmp_path):
+    model = two()
+    paretune.save(model, tmp_path / "a", name="a")
+    paretune.save(model, tmp_path / "b", name="b")
+    want = _logits(model, ids)
+    fresh = make_llama()
+    paretune.load(fresh, tmp_path / "a")  # name=None: the saved name
+    paretune.load(fresh, tmp_path / "b", name="renamed")
+    assert sorted(paretune.adapters(fresh)) == ["a", "renamed"] and paretune.active(fresh) == ["a", "renamed"]
+    torch.testing.assert_close(_logits(fresh, ids), want, atol=1e-5, rtol=0)
+    for name in ("a", "renamed"):  # one at a time too
+        paretune.set_active(fresh, [name])
+        paretune.set_active(model, ["a" if name == "a" else "b"])
+        torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_loaded_adapter_is_frozen_unless_asked(two, make_llama, tmp_path):
+    model = two()
+    paretune.save(model, tmp_path / "a", name="a")
+    base = make_llama()
+    base.lm_head.weight.requires_grad_(False)
+    frozen = paretune.load(base, tmp_path / "a")
+    adapter = {n for n, _ in frozen.named_parameters() if ".deltas.a." in n}
+    assert adapter and not any(p.requires_grad for n, p in frozen.named_parameters() if n in adapter)
+    # the base's own trainability is left as it was
+    assert all(p.requires_grad for n, p in frozen.named_parameters() if n not in adapter and "lm_head" not in n)
+    assert not frozen.lm_head.weight.requires_grad
+    live = make_llama().requires_grad_(False)
+    paretune.load(live, tmp_path / "a", trainable=True)
+    assert {n for n, p in live.named_parameters() if p.requires_grad} == adapter
+
+
+def test_folder_contents(two, make_llama, tmp_path):
+    model = two()
+    out = paretune.save(model, tmp_path / "saved", name="a")
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "paretune.json"]
+    meta = json.loads((out / "paretune.json").read_text())
+    assert meta["method"] == "lora" and meta["name"] == "a" and meta["library_version"] == paretune.__version__
+    assert meta["config"]["r"] == 2 and meta["config"]["alpha"] == 4
+    assert meta["targets"] == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
+    fp = meta["fingerprint"]
+    assert fp["modules"]["model.layers.0.self_attn.q_proj"] == {"kind": "linear", "shape": [16, 16]}
+    assert len(fp["sha256"]) == 64
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert set(tensors) == {f"{t}.{x}" for t in meta["targets"] for x in ("A", "B")}
+    assert paretune.count(model, "a")["stored_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in out.iterdir():  # the modes a plain open() / mkdir() give, not mkstemp's 0600 / mkdtemp's 0700
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644 & ~mask
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary leftovers
+
+
+def test_saving_again_replaces_the_folder(two, make_llama, ids, tmp_path):
+    model = two()
+    paretune.save(model, tmp_path / "x", name="a")
+    paretune.save(model, tmp_path / "x", name="b")
+    assert pio.read_meta(tmp_path / "x")["method"] == "pissa"
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def test_mismatched_base_is_refused(two, make_llama, make_bert, tmp_path):
+    model = two()
+    paretune.save(model, tmp_path / "a", name="a")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(AdapterFileError, match="another base model") as e:
+        paretune.load(wider, tmp_path / "a")
+    assert "[16, 16]" in str(e.value) and "[32, 32]" in str(e.value)
+    assert paretune.adapters(wider) == {}
+    other = make_bert()
+    with pytest.raises(AdapterFileError, match="no such module"):
+        paretune.load(other, tmp_path / "a")
+    assert paretune.adapters(other) == {}
+
+
+def test_missing_and_corrupt_files(two, make_llama, tmp_path):
+    model = two()
+    good = paretune.save(model, tmp_path / "good", name="a")
+    fresh = make_llama()
+    before = {n: p.clone() for n, p in fresh.state_dict().items()}
+
+    with pytest.raises(AdapterFileError, match="not an adapter folder"):
+        paretune.load(fresh, tmp_path / "nowhere")
+
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "paretune.json").write_text((good / "paretune.json").read_text())
+    with pytest.raises(AdapterFileError, match="no adapter.safetensors"):
+        paretune.load(fresh, no_weights)
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "paretune.json").write_text((good / "paretune.json").read_text())
+    data = (good / "adapter.safetensors").read_bytes()
+    (truncated / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterFileError, match="corrupt or truncated"):
+        paretune.load(fresh, truncated)
+
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "paretune.json").write_text("{ not json")
+    (bad_json / "adapter.safetensors").write_bytes(data)
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        paretune.load(fresh, bad_json)
+
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    (no_config / "adapter.safetensors").write_bytes(data)
+    with pytest.raises(AdapterFileError, match="no paretune.json"):
+        paretune.load(fresh, no_config)
+
+    assert paretune.adapters(fresh) == {}
+    assert all(torch.equal(before[n], p) for n, p in fresh.state_dict().items())
+
+
+def test_wrong_tensor_shapes_leave_the_model_unchanged(two, make_llama, tmp_path):
+    model = make_llama()
+    paretune.adapt(model, "lora", targets=["q_proj"], r=2)
+    out = paretune.save(model, tmp_path / "a")
+    meta = json.loads((out / "paretune.json").read_text())
+    meta["config"]["r"] = 3  # the tensors say r=2
+    (out / "paretune.json").write_text(json.dumps(meta))
+    fresh = make_llama()
+    with pytest.raises(AdapterFileError, match="saved shape"):
+        paretune.load(fresh, out)
+    assert paretune.adapters(fresh) == {}
+    assert isinstance(fresh.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_a_failed_save_writes_nothing(two, make_llama, tmp_path, monkeypatch):
+    model = two()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pio, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        paretune.save(model, tmp_path / "out", name="a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_keeps_the_old_folder(two, make_llama, tmp_path, monkeypatch):
+    model = two()
+    paretune.save(model, tmp_path / "out", name="a")
+    old = (tmp_path / "out" / "adapter.safetensors").read_bytes()
+    monkeypatch.setattr(pio, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        paretune.save(model, tmp_path / "out", name="b")
+    assert (tmp_path / "out" / "adapter.safetensors").read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_save_refuses_merged_and_unknown(two, make_llama, tmp_path):
+    model = two()
+    with pytest.raises(ParetuneError, match="no adapter named 'zz'.*'a', 'b'"):
+        paretune.save(model, tmp_path / "x", name="zz")
+    paretune.merge(model, "a")
+    with pytest.raises(ParetuneError, match="unmerge it before saving"):
+        paretune.save(model, tmp_path / "x", name="a")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ParetuneError, match="not a folder"):
+        paretune.save(model, tmp_path / "file", name="b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
