@@ -4,6 +4,7 @@ per_sample (paretune.save/load and PEFT interop live in core/io.py and core/peft
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Sequence
 
 import torch
@@ -50,9 +51,12 @@ def adapt(
         p.requires_grad_(False)
     built: list[tuple[Host, nn.Module]] = []
     try:
-        for module_name in names:
-            host = wrap(model, module_name)
-            delta = spec.delta_cls(host.geometry, config)
+        targets_hosts = [wrap(model, module_name) for module_name in names]
+        bank = spec.delta_cls.make_bank([h.geometry for h in targets_hosts], config)
+        context = _accepts_context(spec.delta_cls)
+        for layer, host in enumerate(targets_hosts):
+            extra = {"bank": bank, "layer": layer} if context else {}
+            delta = spec.delta_cls(host.geometry, config, **extra)
             built.append((host, delta))
             host.add(name, delta)
     except Exception:
@@ -68,6 +72,12 @@ def adapt(
     st.adapters[name] = AdapterRecord(name, spec.name, config, names)
     _set_active(model, st.active + [name])
     return model
+
+
+def _accepts_context(cls: type) -> bool:
+    """Whether a Delta class's constructor takes ``bank`` and ``layer`` (simple methods need not)."""
+    params = inspect.signature(cls.__init__).parameters
+    return "layer" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
@@ -125,7 +135,7 @@ def merge(model: nn.Module, name: str = "default") -> nn.Module:
         host.geometry.add_to_weight(delta.delta_weight())
         db = delta.delta_bias()
         if db is not None:
-            host.geometry.bias.add_(db.to(host.geometry.bias.dtype))
+            host.add_to_bias(db, 1.0)
         host.merged.append(name)
     rec.merged = True
     return model
@@ -140,10 +150,10 @@ def unmerge(model: nn.Module, name: str = "default") -> nn.Module:
     for host in _hosts_of(model, name):
         delta = host.deltas[name]
         host.geometry.add_to_weight(delta.delta_weight(), sign=-1.0)
+        host.merged.remove(name)
         db = delta.delta_bias()
         if db is not None:
-            host.geometry.bias.sub_(db.to(host.geometry.bias.dtype))
-        host.merged.remove(name)
+            host.add_to_bias(db, -1.0)
     rec.merged = False
     return model
 

@@ -108,17 +108,13 @@ class BlocksDelta(Delta):
         return config.blocks * d_out
 
 
-@dataclasses.dataclass(frozen=True)
-class KnobSpec(registry.MethodSpec):
-    budget_option: str = "blocks"
-
-
 @pytest.fixture
 def extra_methods(monkeypatch):
     registry.get("lora")  # load the built-ins first
     specs = {
         "scale": registry.MethodSpec("scale", ScaleConfig, ScaleDelta, "test", "d_out", ("linear",)),
-        "blocks": KnobSpec("blocks", BlocksConfig, BlocksDelta, "test", "blocks·d_out", ("linear",)),
+        "blocks": registry.MethodSpec("blocks", BlocksConfig, BlocksDelta, "test", "blocks·d_out", ("linear",),
+                                      budget_option="blocks", budget_max=64),
         "convonly": registry.MethodSpec("convonly", ScaleConfig, ScaleDelta, "test", "d_out", ("conv2d",)),
     }
     for name, spec in specs.items():

@@ -7,7 +7,7 @@ none (a method of fixed size: its count is what it is, whatever the budget).
 The count is the method's own formula (``delta_cls.trainable_formula``) summed over the layers
 the targets select, so nothing is built: matching a budget on a 135M-parameter model takes
 milliseconds. Layers are grouped by shape, and every knob value from 1 to the smallest
-``min(d_out, d_in)`` of the targeted layers is scanned (no monotonicity is assumed); ties go to
+``min(d_out, d_in)`` of the targeted layers (or the method's ``budget_max``) is scanned (no monotonicity is assumed); ties go to
 the smaller value.
 """
 
@@ -85,7 +85,7 @@ def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targ
         raise BudgetError(f"budget={budget!r} is invalid; give a number of trainable parameters >= 1.")
     if knob in base:
         raise BudgetError(f"{method}: option {knob!r} is what the budget sets; do not fix it as well.")
-    top = min(min(shape) for shape in shapes)
+    top = spec.budget_max or min(min(shape) for shape in shapes)
     best: tuple[int, int] | None = None  # (count, value)
     low = high = None
     errors: list[str] = []

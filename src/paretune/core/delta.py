@@ -18,7 +18,12 @@ class Delta(nn.Module):
     A method subclasses this, registers it with :func:`paretune.core.registry.register`, and
     implements:
 
-    * ``__init__(geometry, config)``: build parameters and initialise them as the paper says;
+    * ``__init__(geometry, config)``: build parameters and initialise them as the paper says.
+      A method that shares frozen tensors across layers (random bases) or derives per-layer
+      randomness also accepts ``bank`` and ``layer``: ``bank`` is what its :meth:`make_bank`
+      built once for all the adapter's layers (an ``nn.Module`` of non-persistent buffers,
+      registered in every delta of the adapter, so it moves with the model once and is never
+      saved), ``layer`` the index of this module among the adapter's targets;
     * :meth:`forward` ``(x, base_out)``: the adapted output (the fast path);
     * :meth:`delta_weight`: the dense ΔW in (d_out, d_in) matrix layout, or None if the
       method is not a weight delta (then it cannot be merged);
@@ -31,9 +36,13 @@ class Delta(nn.Module):
     mergeable: ClassVar[bool] = True
     shifts_base: ClassVar[bool] = False  # True if __init__ changed the base weight (see unshift)
 
-    def __init__(self, geometry: Geometry, config: AdapterConfig):
+    def __init__(self, geometry: Geometry, config: AdapterConfig, *, bank: nn.Module | None = None,
+                 layer: int = 0):
         super().__init__()
         self.config = config
+        self.layer = layer
+        if bank is not None:
+            self.bank = bank  # the same module in every delta of this adapter (shared, not copied)
         self.kind = geometry.kind
         self.d_out = geometry.d_out
         self.d_in = geometry.d_in
@@ -45,6 +54,12 @@ class Delta(nn.Module):
         return self._geometry[0]
 
     # -- the contract ------------------------------------------------------------------------
+    @classmethod
+    def make_bank(cls, geometries: list[Geometry], config: AdapterConfig) -> nn.Module | None:
+        """Frozen tensors shared by all layers of one adapter (e.g. VeRA's random A and B, sized
+        to the largest layer), built once before the deltas; None (the default) for none."""
+        return None
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 

@@ -43,6 +43,23 @@ class Host(nn.Module):
     def add(self, name: str, delta: Delta) -> None:
         self.deltas[name] = delta
 
+    @torch.no_grad()
+    def add_to_bias(self, delta: torch.Tensor, sign: float) -> None:
+        """b += sign * delta. Merging a bias change into a base without a bias (a Llama Linear)
+        gives it a frozen zero bias first; when the last merged adapter is taken out again, a
+        bias made that way is removed, so unmerge restores the module exactly."""
+        base = self.base
+        if self.geometry.bias is None:
+            w = self.geometry.weight
+            base.bias = nn.Parameter(torch.zeros(self.geometry.d_out, dtype=w.dtype, device=w.device),
+                                     requires_grad=False)
+            self._made_bias = True
+        b = self.geometry.bias
+        b.copy_((b.to(torch.promote_types(b.dtype, torch.float32)) + sign * delta.to(b.device)).to(b.dtype))
+        if sign < 0 and getattr(self, "_made_bias", False) and not self.merged:
+            base.bias = None
+            self._made_bias = False
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
         if self._plan is not None:

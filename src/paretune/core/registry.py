@@ -24,6 +24,8 @@ class MethodSpec:
     summary: str  # one line: what the method is, with its paper
     formula: str  # trainable parameters of one adapted (d_out x d_in) layer, as text
     kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d
+    budget_option: str | None = None  # the integer option that sets its size (default: r if it has one)
+    budget_max: int | None = None  # largest value of that option worth trying (default: min(d_out, d_in))
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -32,6 +34,7 @@ _METHODS: dict[str, MethodSpec] = {}
 def register(
     name: str, *, config: type["AdapterConfig"], summary: str, formula: str,
     kinds: tuple[str, ...] = ("linear", "conv1d", "embedding", "conv2d"),
+    budget_option: str | None = None, budget_max: int | None = None,
 ) -> Callable[[type["Delta"]], type["Delta"]]:
     """Class decorator registering a Delta class and its config dataclass under ``name``."""
 
@@ -40,7 +43,7 @@ def register(
             raise ValueError(f"method {name!r} is registered twice")
         config.method = name
         cls.method = name
-        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, kinds)
+        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, kinds, budget_option, budget_max)
         return cls
 
     return deco

@@ -73,8 +73,8 @@ class LoraConfig(LowRankConfig):
     formula="r·(d_in + d_out)",
 )
 class LoraDelta(Delta):
-    def __init__(self, geometry: Geometry, config: LoraConfig):
-        super().__init__(geometry, config)
+    def __init__(self, geometry: Geometry, config: LoraConfig, **context):
+        super().__init__(geometry, config, **context)
         w = geometry.weight
         dtype = adapter_dtype(w)
         self.scaling = config.scaling

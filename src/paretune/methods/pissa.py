@@ -75,13 +75,13 @@ def randomized_svd(w: torch.Tensor, r: int, niter: int, seed: int) -> tuple[torc
 class PissaDelta(LoraDelta):
     shifts_base = True
 
-    def __init__(self, geometry: Geometry, config: PissaConfig):
+    def __init__(self, geometry: Geometry, config: PissaConfig, **context):
         if config.r > min(geometry.d_out, geometry.d_in):
             raise ConfigError(
                 f"pissa: r={config.r} exceeds min(d_out, d_in)={min(geometry.d_out, geometry.d_in)} of a "
                 f"{geometry.kind} layer; lower r or leave that layer out of targets."
             )
-        super().__init__(geometry, config)
+        super().__init__(geometry, config, **context)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
