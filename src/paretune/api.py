@@ -148,10 +148,17 @@ def unmerge(model: nn.Module, name: str = "default") -> nn.Module:
     if not rec.merged:
         raise ParetuneError(f"adapter {name!r} is not merged.")
     for host in _hosts_of(model, name):
+        later = host.merged[host.merged.index(name) + 1:]
+        if later and any(host.deltas[n].depends_on_base for n in [name, *later]):
+            raise ParetuneError(
+                f"adapter {name!r} was merged before {later}, and one of them changes W as a function of W "
+                f"(e.g. Hydra); unmerge {later[::-1]} first (last merged, first out)."
+            )
+    for host in _hosts_of(model, name):
         delta = host.deltas[name]
-        host.geometry.add_to_weight(delta.delta_weight(), sign=-1.0)
+        dw, db = delta.merged_deltas()
+        host.geometry.add_to_weight(dw, sign=-1.0)
         host.merged.remove(name)
-        db = delta.delta_bias()
         if db is not None:
             host.add_to_bias(db, -1.0)
     rec.merged = False

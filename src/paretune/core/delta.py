@@ -35,6 +35,7 @@ class Delta(nn.Module):
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
     shifts_base: ClassVar[bool] = False  # True if __init__ changed the base weight (see unshift)
+    depends_on_base: ClassVar[bool] = False  # True if ΔW is a function of W itself (Hydra's W_s·W₀)
 
     def __init__(self, geometry: Geometry, config: AdapterConfig, *, bank: nn.Module | None = None,
                  layer: int = 0):
@@ -70,6 +71,11 @@ class Delta(nn.Module):
     def delta_bias(self) -> torch.Tensor | None:
         """Change of the base bias when merged (most methods: none)."""
         return None
+
+    def merged_deltas(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ΔW, Δb) to take out on unmerge, computed while the adapter is merged. The same as
+        (delta_weight(), delta_bias()) unless ΔW depends on W (then the method recovers it)."""
+        return self.delta_weight(), self.delta_bias()
 
     @classmethod
     def trainable_formula(cls, d_out: int, d_in: int, config: AdapterConfig) -> int:  # pragma: no cover

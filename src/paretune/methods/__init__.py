@@ -1,3 +1,8 @@
 """Built-in methods: one file per family, each registering itself on import."""
 
 from . import lora, pissa  # noqa: F401
+from . import nola, hydra  # noqa: F401
+from . import kronecker  # noqa: F401
+from . import block_lora, lamda  # noqa: F401
+from . import vera  # noqa: F401
+from . import randlora  # noqa: F401

@@ -1,0 +1,300 @@
+"""RandLoRA (Albert et al. 2025): counts n·(r + min_dim), zero start, full rank, shared seeded
+bank (dense, sparse, very sparse), save/load of Λ and Γ only, gradients through the custom
+autograd, and equality with PEFT's RandLoRA (same bases for the same seed, same ΔW and outputs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import paretune
+from paretune.core.host import Host
+from paretune.errors import ConfigError
+from paretune.methods.randlora import RandLoraDelta, _ScaledA, num_bases
+
+SHAPES = [(8, 16), (16, 8), (12, 12), (30, 7)]  # (d_in, d_out)
+TARGETS = [str(i) for i in range(6)]
+BASES = [{}, {"sparse": True}, {"very_sparse": True}]
+
+
+def chain(seed: int = 0) -> nn.Sequential:
+    """Linear layers of every shape in SHAPES (and 8->12, 12->30 to chain them)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 12), nn.Linear(12, 12),
+                         nn.Linear(12, 30), nn.Linear(30, 7))
+
+
+def deltas(model: nn.Module, name: str = "default") -> dict[str, RandLoraDelta]:
+    return {n: m.deltas[name] for n, m in model.named_modules() if isinstance(m, Host)}
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int = 3, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.copy_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+# -- counts and init ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d_in,d_out", SHAPES)
+@pytest.mark.parametrize("r", [1, 3, 4, 50])
+def test_trainable_count_is_n_times_r_plus_min_dim(d_in, d_out, r):
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    paretune.adapt(model, "randlora", r=r)
+    m = min(d_in, d_out)
+    n = math.ceil(m / r)
+    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cost = paretune.count(model)
+    assert cost["trainable"] == cost["formula"] == requires_grad == n * (r + m)
+    d = deltas(model)["0"]
+    assert d.Lambda.shape == (n, r) and d.Gamma.shape == (n, m)
+
+
+def test_number_of_bases_reaches_full_rank():
+    assert [num_bases(12, r) for r in (1, 3, 4, 5, 12, 13)] == [12, 4, 3, 3, 1, 1]
+    for m in range(1, 40):
+        for r in range(1, 15):
+            n = num_bases(m, r)
+            assert n * r >= m and (n - 1) * r < m
+
+
+def test_zero_delta_at_init_and_gamma_init(make_llama, llama_batch):
+    base, model = make_llama(), make_llama()
+    paretune.adapt(model, "randlora", r=8)
+    for d in deltas(model).values():
+        assert torch.count_nonzero(d.Lambda) == 0
+        assert torch.all(d.Gamma == 1 / max(d.n, d.min_dim))
+        assert torch.count_nonzero(d.delta_weight()) == 0
+    with torch.no_grad():
+        assert torch.equal(model(llama_batch).logits, base(llama_batch).logits)
+
+
+def test_scaling_alpha_default_and_sqrt_n_option():
+    model = nn.Sequential(nn.Linear(12, 12))
+    paretune.adapt(model, "randlora", r=4)
+    assert deltas(model)["0"].scaling == 20.0  # alpha = 20·r, s = alpha / r
+    model = nn.Sequential(nn.Linear(12, 12))
+    paretune.adapt(model, "randlora", r=4, alpha=8, sqrt_n_scaling=True)
+    assert deltas(model)["0"].scaling == pytest.approx(8 / 4 / math.sqrt(3))
+
+
+@pytest.mark.parametrize("d_in,d_out", SHAPES)
+@pytest.mark.parametrize("options", BASES)
+def test_delta_has_full_rank(d_in, d_out, options):
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    paretune.adapt(model, "randlora", r=3, **options)
+    randomise(model)
+    dw = deltas(model)["0"].delta_weight().double()
+    assert torch.linalg.matrix_rank(dw).item() == min(d_in, d_out)
+
+
+# -- bases -------------------------------------------------------------------------------------
+
+def test_dense_bases_have_unit_std():
+    model = nn.Sequential(nn.Linear(256, 512))
+    paretune.adapt(model, "randlora", r=32)
+    bank = deltas(model)["0"].bank
+    assert bank.A.shape == (32, 256) and bank.B.shape == (512, 8 * 32)
+    for t in (bank.A, bank.B):
+        assert abs(t.std().item() - 1) < 0.01 and abs(t.mean().item()) < 0.05
+        assert t.abs().max() < math.sqrt(3) * 1.02  # a uniform of unit std
+
+
+@pytest.mark.parametrize("options,p_nonzero", [({"sparse": True}, 1 / 3), ({"very_sparse": True}, 1 / 16)])
+def test_sparse_bases_are_ternary(options, p_nonzero):
+    model = nn.Sequential(nn.Linear(256, 512))
+    paretune.adapt(model, "randlora", r=32, **options)
+    bank = deltas(model)["0"].bank
+    for t in (bank.A, bank.B):
+        values = torch.unique(t)
+        assert len(values) == 3 and values[1] == 0 and torch.isclose(values[0], -values[2])
+        assert abs((t != 0).float().mean().item() - p_nonzero) < 0.02
+        assert abs((t > 0).float().mean().item() - (t < 0).float().mean().item()) < 0.02
+        assert abs(t.std().item() - 1) < 1e-5
+
+
+def test_layers_share_one_bank_sliced_from_the_largest_dims():
+    model = chain()
+    paretune.adapt(model, "randlora", r=4, targets=TARGETS)
+    ds = list(deltas(model).values())
+    bank = ds[0].bank
+    assert all(d.bank is bank for d in ds)
+    # largest (d_out, d_in) over the targets: (30, 30); m = 30, n = 8
+    assert bank.A.shape == (4, 30) and bank.B.shape == (30, 8 * 4)
+    assert not any("bank" in k for k in model.state_dict())
+
+
+def test_bank_stays_shared_after_moving_to_float64():
+    model = chain()
+    paretune.adapt(model, "randlora", r=4, targets=TARGETS)
+    randomise(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x).double()
+    model.to(torch.float64)
+    ds = list(deltas(model).values())
+    assert all(d.bank is ds[0].bank for d in ds)
+    assert ds[0].bank.B.dtype == torch.float64 and ds[0].Gamma.dtype == torch.float64
+    assert len({d.bank.B.data_ptr() for d in ds}) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", BASES)
+def test_bases_depend_on_the_seed_only(options):
+    m1, m2, m3 = chain(), chain(1), chain()
+    for m, seed in ((m1, 7), (m2, 7), (m3, 8)):
+        paretune.adapt(m, "randlora", r=4, targets=TARGETS, seed=seed, **options)
+    b1, b2, b3 = (next(iter(deltas(m).values())).bank for m in (m1, m2, m3))
+    assert torch.equal(b1.A, b2.A) and torch.equal(b1.B, b2.B)
+    assert not torch.equal(b1.B, b3.B)
+
+
+# -- merge, save / load, gradients -------------------------------------------------------------
+
+def test_merged_equals_unmerged():
+    model = chain()
+    paretune.adapt(model, "randlora", r=4, targets=TARGETS)
+    randomise(model)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        paretune.merge(model)
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-5)
+        paretune.unmerge(model)
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_save_load_stores_only_lambda_and_gamma(tmp_path):
+    model = chain()
+    paretune.adapt(model, "randlora", r=4, targets=TARGETS, sparse=True)
+    randomise(model)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+    paretune.save(model, tmp_path / "a")
+    fresh = chain()
+    paretune.load(fresh, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+
+    path = tmp_path / "a" / "adapter.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert keys == {f"{t}.{v}" for t in TARGETS for v in ("Lambda", "Gamma")}
+    shapes = [(8, 16), (16, 8), (8, 12), (12, 12), (12, 30), (30, 7)]
+    trainable_bytes = 4 * sum(num_bases(min(s), 4) * (4 + min(s)) for s in shapes)
+    assert path.stat().st_size < trainable_bytes + 2048
+    assert paretune.count(model)["stored_bytes"] == trainable_bytes
+
+
+def test_only_lambda_and_gamma_get_gradients():
+    model = chain()
+    paretune.adapt(model, "randlora", r=4, targets=TARGETS)
+    randomise(model)
+    model(torch.randn(4, 8)).pow(2).sum().backward()
+    for n, p in model.named_parameters():
+        if ".deltas." in n:
+            assert n.endswith(("Lambda", "Gamma")) and p.grad is not None and p.grad.abs().sum() > 0
+        else:
+            assert not p.requires_grad and p.grad is None
+    for d in deltas(model).values():
+        assert not d.bank.A.requires_grad and d.bank.B.grad is None
+
+
+def test_custom_autograd_gradient_is_exact():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    lam = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ScaledA.apply, (a, lam, gamma))
+    # rows k·n + i hold Λ[i, k]·A[k]·Γ[i]
+    out = _ScaledA.apply(a, lam, gamma)
+    torch.testing.assert_close(out[2 * 4 + 1], lam[1, 2] * a[2] * gamma[1])
+
+
+def test_dropout_acts_in_training_only():
+    model = nn.Sequential(nn.Linear(8, 8))
+    paretune.adapt(model, "randlora", r=4, dropout=0.5)
+    randomise(model)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [{"r": 0}, {"r": -1}, {"r": 1.5}, {"alpha": -1}, {"dropout": 1.0}, {"seed": -3},
+                                 {"sparse": True, "very_sparse": True}, {"sparse": "yes"}, {"n": 3}])
+def test_bad_options_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        paretune.adapt(nn.Sequential(nn.Linear(4, 4)), "randlora", **bad)
+
+
+# -- equality with PEFT ------------------------------------------------------------------------
+
+def _peft_pair(model_fn, targets, r, alpha, options, seed=0, **peft_kw):
+    from peft import RandLoraConfig, get_peft_model
+
+    ours, theirs = model_fn(), model_fn()
+    paretune.adapt(ours, "randlora", r=r, alpha=alpha, seed=seed, targets=targets, **options)
+    cfg = RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=targets, projection_prng_key=seed,
+                         **options, **peft_kw)
+    peft_model = get_peft_model(theirs, cfg)
+    g = torch.Generator().manual_seed(5)
+    pairs = []
+    for t in targets:
+        d = ours.get_submodule(t).deltas["default"]
+        layer = peft_model.base_model.model.get_submodule(t)
+        with torch.no_grad():
+            d.Lambda.copy_(0.3 * torch.randn(d.Lambda.shape, generator=g))
+            d.Gamma.copy_(0.3 * torch.randn(d.Gamma.shape, generator=g))
+            layer.randlora_lambda["default"].copy_(d.Lambda.T)  # PEFT keeps Λ as (r, n)
+            layer.randlora_gamma["default"].copy_(d.Gamma)
+        pairs.append((d, layer))
+    return ours, peft_model, pairs
+
+
+@pytest.mark.parametrize("options", BASES)
+@pytest.mark.parametrize("r,seed", [(3, 0), (4, 99)])
+def test_equals_peft_on_linear_layers(options, r, seed):
+    ours, peft_model, pairs = _peft_pair(chain, TARGETS, r=r, alpha=2 * r, options=options, seed=seed)
+    for d, layer in pairs:
+        assert d.n == layer.num_bases
+        assert torch.equal(d.bank.A, layer.randlora_A["default"][:, 0, :])
+        assert torch.equal(d.bank.B, layer.randlora_B["default"].flatten(1))
+        torch.testing.assert_close(d.delta_weight(), layer.get_delta_weight("default"), atol=1e-5, rtol=0)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft_model(x), atol=1e-5, rtol=0)
+    # and the same gradients for Λ and Γ
+    y = torch.randn(5, 7)
+    ((ours(x) - y) ** 2).sum().backward()
+    ((peft_model(x) - y) ** 2).sum().backward()
+    for d, layer in pairs:
+        torch.testing.assert_close(d.Lambda.grad, layer.randlora_lambda["default"].grad.T, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(d.Gamma.grad, layer.randlora_gamma["default"].grad, atol=1e-4, rtol=1e-5)
+
+
+def test_equals_peft_on_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    def gpt2_like() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(Conv1D(24, 8), Conv1D(8, 24))  # Conv1D(nf=out, nx=in)
+        for m in model:
+            nn.init.normal_(m.weight, std=0.3)
+        return model
+
+    ours, peft_model, pairs = _peft_pair(gpt2_like, ["0", "1"], r=3, alpha=6, options={}, fan_in_fan_out=True)
+    for d, layer in pairs:
+        torch.testing.assert_close(d.delta_weight().T, layer.get_delta_weight("default"), atol=1e-5, rtol=0)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft_model(x), atol=1e-5, rtol=0)
