@@ -130,8 +130,18 @@ def test_factored_forward_equals_dense_kron(options, dtype, atol):
                                    atol=atol, rtol=0)
         x = torch.randn(2, 3, d.d_in, dtype=dtype)
         base_out = torch.randn(2, 3, d.d_out, dtype=dtype)
-        with torch.no_grad():
-            torch.testing.assert_close(d(x, base_out), base_out + x @ dw.T, atol=atol, rtol=0)
+        for d.a_first in (True, False):  # both multiplication orders
+            with torch.no_grad():
+                torch.testing.assert_close(d(x, base_out), base_out + x @ dw.T, atol=atol, rtol=0)
+
+
+def test_multiplication_order_follows_the_cost():
+    assert kron_plan(96, 64, KroneckerConfig()).a == (8, 8)
+    wide_b = nn.Sequential(nn.Linear(64, 96))  # A (8, 8), B (12, 8): (A X) Bᵀ is cheaper
+    square = nn.Sequential(nn.Linear(64, 64))  # A (8, 8), B (8, 8): a tie, X Bᵀ first
+    paretune.adapt(wide_b, "kronecker", targets=["0"])
+    paretune.adapt(square, "kronecker", targets=["0"])
+    assert deltas(wide_b)["0"].a_first and not deltas(square)["0"].a_first
 
 
 def test_conv1d_host_uses_the_matrix_layout():

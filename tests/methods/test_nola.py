@@ -1,6 +1,7 @@
 """NOLA: seeded random bases never stored, coefficients only, both reference inits, exact
 gradients of the regenerate-in-backward combination."""
 
+import importlib
 import json
 
 import pytest
@@ -124,3 +125,32 @@ def test_training_moves_the_output_and_the_eval_cache_follows():
 def test_bad_options(bad):
     with pytest.raises(paretune.ConfigError, match=next(iter(bad))):
         paretune.adapt(_stack([(4, 4)]), "nola", targets=["0"], **bad)
+
+
+def test_cached_and_regenerated_bases_agree():
+    x = torch.randn(5, 10)
+    results = []
+    for cache in ("always", "never"):
+        model = paretune.adapt(_stack([(10, 6), (6, 4)]), "nola", r=2, k=40, l=9, cache_bases=cache,
+                               targets=["0", "1"])
+        deltas = [h.deltas["default"] for h in _hosts(model)]
+        assert all(d.cached_bases == (cache == "always") for d in deltas)
+        with torch.no_grad():
+            for d in deltas:
+                d.alpha_c.copy_(torch.linspace(-1, 1, 40))
+                d.beta_c.copy_(torch.linspace(1, -1, 9))
+        model(x).pow(2).sum().backward()
+        results.append((model(x).detach(), [d.alpha_c.grad.clone() for d in deltas]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_cache_follows_the_size_limit(monkeypatch):
+    nola = importlib.import_module("paretune.methods.nola")
+
+    model = paretune.adapt(_stack([(10, 6)]), "nola", r=2, k=40, targets=["0"])
+    assert _hosts(model)[0].deltas["default"].cached_bases  # 2·(40·10 + 40·6)·4 bytes: small
+    monkeypatch.setattr(nola, "CACHE_LIMIT", 100)
+    model = paretune.adapt(_stack([(10, 6)]), "nola", r=2, k=40, targets=["0"])
+    assert not _hosts(model)[0].deltas["default"].cached_bases
+    assert not any(n.startswith("bases") for n, _ in _hosts(model)[0].deltas["default"].named_buffers())

@@ -84,11 +84,13 @@ def test_scaling_alpha_default_and_sqrt_n_option():
     assert deltas(model)["0"].scaling == pytest.approx(8 / 4 / math.sqrt(3))
 
 
-@pytest.mark.parametrize("d_in,d_out", SHAPES)
-@pytest.mark.parametrize("options", BASES)
-def test_delta_has_full_rank(d_in, d_out, options):
+@pytest.mark.parametrize("d_in,d_out,r,options", [(i, o, 3, {}) for i, o in SHAPES]
+                         + [(64, 48, 16, {"sparse": True}), (48, 64, 64, {"very_sparse": True})])
+def test_delta_has_full_rank(d_in, d_out, r, options):
+    """n·r >= min_dim, so Σ B_i diag(λ_i) A diag(γ_i) reaches full rank for random Λ, Γ. (Sparse
+    bases need r large enough that no column of the shared A is all zero, P = (1 - p_nonzero)^r.)"""
     model = nn.Sequential(nn.Linear(d_in, d_out))
-    paretune.adapt(model, "randlora", r=3, **options)
+    paretune.adapt(model, "randlora", r=r, **options)
     randomise(model)
     dw = deltas(model)["0"].delta_weight().double()
     assert torch.linalg.matrix_rank(dw).item() == min(d_in, d_out)
@@ -224,6 +226,7 @@ def test_dropout_acts_in_training_only():
     paretune.adapt(model, "randlora", r=4, dropout=0.5)
     randomise(model)
     x = torch.randn(64, 8)
+    model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
         model.train()

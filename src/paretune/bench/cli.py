@@ -105,7 +105,8 @@ def run_bench(
     if not budgets:
         budgets = _default_budgets(net, names, model, quick, targets)
     plan = sweep.plan_runs(net, model=model, task=task, methods=names, budgets=budgets, seeds=seeds, steps=steps,
-                           batch_size=batch_size, lr=lr, targets=targets, baselines=baselines)
+                           batch_size=batch_size, lr=lr, targets=targets, baselines=baselines,
+                           max_eval=sweep.QUICK["max_eval"] if quick else None)
     del net
     for note in plan.notes:
         echo(f"note: {note}")
@@ -170,8 +171,8 @@ def _print_report(files, echo: Callable[[str], None]) -> None:
 
 
 def bench_command(
-    quick: bool = typer.Option(False, "--quick", help="MiniLM-L6 on city-continent, every method, 2 budgets "
-                               "(LoRA r=2, r=8), 1 seed, 150 steps: minutes on a CPU"),
+    quick: bool = typer.Option(False, "--quick", help="MiniLM-L6 on city-continent, every method, budget 70,000 "
+                               "(LoRA r=2), 1 seed, 150 steps, 2,000 eval examples: minutes on a CPU"),
     model: Optional[str] = typer.Option(None, "--model", help="minilm-l6 | smollm2-135m | a local path "
                                         "(default: the task's model)"),
     task: Optional[str] = typer.Option(None, "--task", help="built-in task: city-continent, city-country, "

@@ -33,7 +33,8 @@ row instead of O(d_out·d_in); a low-rank factor is applied as its two thin matr
 Bench size knob: ``factor`` (``budget_max=128``). As in DiffuseKronA the shapes set the size:
 A ≈ factor×factor, B the rest, count ≈ factor² + d_out·d_in/factor², from full fine-tuning at
 factor=1 down to its minimum near factor = sqrt(d); factors past sqrt of the widest layer (128
-covers 16384) only mirror smaller ones. ``r`` is not the knob: it moves the count by at most ~2x.
+covers 16384) only mirror smaller ones. ``r`` is not the knob: with the default split it moves the
+count by at most ~2x.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ CPU (so an adapter trained on a GPU loads on a CPU with the same bases) in fixed
 ``DRAW`` bases, and are regenerated in the forward *and* the backward pass (as the reference
 code's custom autograd does) so that memory holds at most one draw of bases, never all k.
 Under ``torch.no_grad`` (evaluation) A and B are cached until the coefficients change.
+
+Regenerating costs time (about k·r·(d_in + d_out) random numbers per layer, twice a step), so
+``cache_bases="auto"`` (default) keeps the drawn bases in memory when all of the adapter's bases
+together take at most ``CACHE_LIMIT`` bytes, and regenerates them otherwise; "always" and
+"never" force either. Cached or not, the bases and the results are the same.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..core.registry import register
 from .lora import adapter_dtype
 
 DRAW = 32  # bases drawn per generator call; part of the definition of the bases (do not change)
+CACHE_LIMIT = 2 * 1024**3  # bytes of cached bases per adapter under cache_bases="auto"
 
 
 @dataclasses.dataclass
@@ -47,6 +53,7 @@ class NolaConfig(AdapterConfig):
     alpha: float = 8.0
     init: str = "zero"
     seed: int = 0
+    cache_bases: str = "auto"
 
     def validate(self) -> None:
         self._positive_int("r")
@@ -55,6 +62,7 @@ class NolaConfig(AdapterConfig):
             self._positive_int("l")
         self._non_negative("alpha")
         self._one_of("init", ("zero", "nonzero"))
+        self._one_of("cache_bases", ("auto", "always", "never"))
         self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                       "seed", self.seed, "it must be an integer >= 0")
 
@@ -81,6 +89,11 @@ def draw_bases(seed: int, start: int, count: int, shape: tuple[int, int], kind: 
         out.uniform_(-1.0, 1.0, generator=gen)
     first = start % DRAW
     return out[first:first + count]
+
+
+def all_bases(seed: int, n: int, shape: tuple[int, int], kind: str) -> torch.Tensor:
+    """Bases 0 .. n-1 of a seeded family, stacked (n, *shape)."""
+    return torch.cat([draw_bases(seed, start, count, shape, kind) for start, count in _each_draw(n)])
 
 
 def combine(coeffs: torch.Tensor, seed: int, shape: tuple[int, int], kind: str, scale: float) -> torch.Tensor:
@@ -115,6 +128,14 @@ class _Combine(torch.autograd.Function):
         return grad_c, None, None, None, None
 
 
+class _CachePolicy(nn.Module):
+    """The adapter-wide decision whether bases are kept in memory (a bank without tensors)."""
+
+    def __init__(self, cache: bool):
+        super().__init__()
+        self.cache = cache
+
+
 @register(
     "nola",
     config=NolaConfig,
@@ -126,6 +147,14 @@ class _Combine(torch.autograd.Function):
     budget_max=8192,
 )
 class NolaDelta(Delta):
+    @classmethod
+    def make_bank(cls, geometries: list[Geometry], config: NolaConfig) -> nn.Module:
+        """Decides once for the whole adapter whether its bases are cached (see cache_bases)."""
+        size = sum(config.r * (config.k * g.d_in + config.n_b * g.d_out) for g in geometries)
+        itemsize = max(adapter_dtype(g.weight).itemsize for g in geometries) if geometries else 4
+        cache = config.cache_bases == "always" or (config.cache_bases == "auto" and size * itemsize <= CACHE_LIMIT)
+        return _CachePolicy(cache)
+
     def __init__(self, geometry: Geometry, config: NolaConfig, **context):
         super().__init__(geometry, config, **context)
         w = geometry.weight
@@ -149,6 +178,12 @@ class NolaDelta(Delta):
             self.beta_c = nn.Parameter(torch.full((c.n_b,), 1.0 / c.n_b, dtype=dtype, device=w.device))
             self.A0 = None
         self._cache: tuple | None = None
+        self.cached_bases = bool(getattr(context.get("bank"), "cache", False))
+        if self.cached_bases:
+            self.register_buffer("bases_a", (all_bases(self.seed_a, c.k, (c.r, self.d_in), kind) * self._scales[0])
+                                 .to(w.device, dtype), persistent=False)
+            self.register_buffer("bases_b", (all_bases(self.seed_b, c.n_b, (self.d_out, c.r), kind) * self._scales[1])
+                                 .to(w.device, dtype), persistent=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, d_in), B (d_out, r)) from the coefficients; cached while gradients are off."""
@@ -156,8 +191,12 @@ class NolaDelta(Delta):
         if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         r = self.config.r
-        a = combine(self.alpha_c, self.seed_a, (r, self.d_in), self._kinds[0], self._scales[0])
-        b = combine(self.beta_c, self.seed_b, (self.d_out, r), self._kinds[1], self._scales[1])
+        if self.cached_bases:
+            a = torch.einsum("k,kij->ij", self.alpha_c, self.bases_a)
+            b = torch.einsum("k,kij->ij", self.beta_c, self.bases_b)
+        else:
+            a = combine(self.alpha_c, self.seed_a, (r, self.d_in), self._kinds[0], self._scales[0])
+            b = combine(self.beta_c, self.seed_b, (self.d_out, r), self._kinds[1], self._scales[1])
         if self.A0 is not None:
             a = a + self.A0
         if not torch.is_grad_enabled():
