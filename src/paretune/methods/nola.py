@@ -42,7 +42,7 @@ from ..core.registry import register
 from .lora import adapter_dtype
 
 DRAW = 32  # bases drawn per generator call; part of the definition of the bases (do not change)
-CACHE_LIMIT = 2 * 1024**3  # bytes of cached bases per adapter under cache_bases="auto"
+CACHE_LIMIT = 4 * 1024**3  # bytes of cached bases per adapter under cache_bases="auto"
 
 
 @dataclasses.dataclass

@@ -5,16 +5,17 @@ For a layer with m = min(d_in, d_out) and M = max(d_in, d_out):
 
     ΔW = s · Σᵢ₌₁..n B_i diag(λ_i) A diag(γ_i)   (on the m side; transposed when d_out < d_in)
 
-with n = ⌈m / r⌉ frozen random bases B_i ∈ R^{M×r}, one frozen random A ∈ R^{r×m} shared by
+with n = ⌊m / r⌋ + 1 frozen random bases B_i ∈ R^{M×r}, one frozen random A ∈ R^{r×m} shared by
 the n terms, and trainable Λ = [λ_i] ∈ R^{n×r} (init 0, so ΔW = 0 at the start) and
 Γ = [γ_i] ∈ R^{n×m} (init 1 / max(n, m)). n·r ≥ m, so ΔW can have full rank m. Trainable per
 layer: n·(r + m). A and the B_i are shared by all layers of the adapter (one bank sized to the
 largest dims), regenerated from ``seed`` and never saved.
 
-Choices made here (stated; all follow PEFT so that the same seed gives PEFT's numbers):
+Choices made here (stated; the draw follows PEFT so that the same seed gives PEFT's numbers):
 
-* n = ⌈m / r⌉ and s = alpha / r, as PEFT. The authors' code takes n = ⌊m / r⌋ + 1 (one more
-  basis when r divides m) and s = alpha / (r·√n); ``sqrt_n_scaling=True`` gives that s.
+* ``convention="paper"`` (default): n = ⌊m / r⌋ + 1 and s = alpha / (r·√n), as the authors'
+  code; ``convention="peft"``: n = ⌈m / r⌉ (one basis fewer when r divides m) and s = alpha / r,
+  as PEFT. Both give n·r ≥ m. The bases, their draw and everything below are the same.
 * ``alpha`` defaults to 20·r (PEFT's advice, and its default 640 at its default r = 32).
 * Dense bases (default) are drawn as PEFT draws them: a CPU generator seeded with ``seed``
   fills A (r × bank m), then each of the bank's n B_i (bank M × r), kaiming-uniform (a=√5) in
@@ -57,7 +58,7 @@ class RandLoraConfig(AdapterConfig):
     seed: int = 0
     sparse: bool = False
     very_sparse: bool = False
-    sqrt_n_scaling: bool = False
+    convention: str = "paper"
 
     def validate(self) -> None:
         self._positive_int("r")
@@ -67,7 +68,8 @@ class RandLoraConfig(AdapterConfig):
                       "it must be in [0, 1)")
         self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                       "seed", self.seed, "it must be an integer >= 0")
-        for flag in ("sparse", "very_sparse", "sqrt_n_scaling"):
+        self._one_of("convention", ("paper", "peft"))
+        for flag in ("sparse", "very_sparse"):
             self._require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "it must be True or False")
         self._require(not (self.sparse and self.very_sparse), "very_sparse", self.very_sparse,
                       "choose at most one of sparse and very_sparse")
@@ -77,9 +79,10 @@ class RandLoraConfig(AdapterConfig):
         return 20.0 * self.r if self.alpha is None else float(self.alpha)
 
 
-def num_bases(min_dim: int, r: int) -> int:
-    """n = ⌈min_dim / r⌉: the fewest rank-r bases whose sum can reach full rank (as PEFT)."""
-    return -(-min_dim // r)
+def num_bases(min_dim: int, r: int, convention: str = "paper") -> int:
+    """The number of rank-r bases, n·r ≥ min_dim: ⌊min_dim / r⌋ + 1 (the paper's code) or
+    ⌈min_dim / r⌉ (PEFT: the fewest that can reach full rank)."""
+    return -(-min_dim // r) if convention == "peft" else min_dim // r + 1
 
 
 def _dense(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
@@ -104,7 +107,7 @@ def _unit_std(t: torch.Tensor) -> torch.Tensor:
 
 def draw_bank(max_dim: int, min_dim: int, config: RandLoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, min_dim), B (max_dim, n·r), column b·r + k = column k of the b-th draw), CPU."""
-    r, n = config.r, num_bases(min_dim, config.r)
+    r, n = config.r, num_bases(min_dim, config.r, config.convention)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     if config.sparse or config.very_sparse:
         s = math.sqrt(min_dim) if config.very_sparse else 3.0
@@ -147,9 +150,9 @@ class _ScaledA(torch.autograd.Function):
 @register(
     "randlora",
     config=RandLoraConfig,
-    summary="RandLoRA (Albert et al. 2025): full-rank ΔW = s·Σᵢ Bᵢ diag(λᵢ) A diag(γᵢ) over n = ⌈min(d_in, d_out)/r⌉ "
+    summary="RandLoRA (Albert et al. 2025): full-rank ΔW = s·Σᵢ Bᵢ diag(λᵢ) A diag(γᵢ) over n = ⌊min(d_in, d_out)/r⌋ + 1 "
             "frozen random bases shared by all layers; only Λ and Γ train",
-    formula="n·(r + min(d_in, d_out)), n = ⌈min(d_in, d_out) / r⌉",
+    formula="n·(r + min(d_in, d_out)), n = ⌊min(d_in, d_out) / r⌋ + 1 (⌈min/r⌉ with convention=peft)",
     kinds=("linear", "conv1d"),
 )
 class RandLoraDelta(Delta):
@@ -162,8 +165,8 @@ class RandLoraDelta(Delta):
         dtype = adapter_dtype(w)
         self.min_dim, self.max_dim = min(self.d_in, self.d_out), max(self.d_in, self.d_out)
         self.a_on_input = self.d_in <= self.d_out  # A (and Γ) act on the smaller side, as PEFT
-        self.n = num_bases(self.min_dim, config.r)
-        self.scaling = config.alpha_value / config.r / (math.sqrt(self.n) if config.sqrt_n_scaling else 1.0)
+        self.n = num_bases(self.min_dim, config.r, config.convention)
+        self.scaling = config.alpha_value / config.r / (math.sqrt(self.n) if config.convention == "paper" else 1.0)
         self.Lambda = nn.Parameter(torch.zeros(self.n, config.r, dtype=dtype, device=w.device))
         self.Gamma = nn.Parameter(torch.full((self.n, self.min_dim), 1.0 / max(self.n, self.min_dim),
                                              dtype=dtype, device=w.device))
@@ -210,4 +213,4 @@ class RandLoraDelta(Delta):
     @classmethod
     def trainable_formula(cls, d_out: int, d_in: int, config: RandLoraConfig) -> int:
         m = min(d_in, d_out)
-        return num_bases(m, config.r) * (config.r + m)
+        return num_bases(m, config.r, config.convention) * (config.r + m)
