@@ -12,7 +12,7 @@ from . import methods as _methods_package  # noqa: E402,F401  (registers the bui
 # the function ``methods`` below then takes the name ``paretune.methods``)
 from .api import active, adapt, adapters, merge, per_sample, remove, set_active, unload, unmerge  # noqa: E402
 from .core.accounting import count  # noqa: E402
-from .core.io import load, save  # noqa: E402
+from .core.io import hot_swap, load, save  # noqa: E402
 from .core.peft_io import export_peft, import_peft  # noqa: E402
 from .core.registry import all_methods  # noqa: E402
 from .errors import AdapterFileError, ConfigError, ParetuneError, TargetError  # noqa: E402
@@ -32,6 +32,6 @@ def train(*args, **kwargs):
 
 __all__ = [
     "adapt", "methods", "count", "set_active", "active", "adapters", "merge", "unmerge", "unload", "remove",
-    "save", "load", "export_peft", "import_peft", "per_sample", "train",
+    "save", "load", "hot_swap", "export_peft", "import_peft", "per_sample", "train",
     "ParetuneError", "ConfigError", "TargetError", "AdapterFileError", "__version__",
 ]

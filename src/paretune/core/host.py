@@ -10,6 +10,18 @@ from .delta import Delta
 from .geometry import geometry_for
 
 
+def gathered_low_rank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      slot: torch.Tensor) -> torch.Tensor:
+    """out + B[slot[i]] A[slot[i]] x for every row i at once: the factors of each row's adapter are
+    gathered and applied as two batched matmuls (the BGMV idea of Punica / S-LoRA), instead of a
+    loop over adapters. x (rows, ..., d_in), out (rows, ..., d_out)."""
+    rows = x.shape[0]
+    xs = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)
+    h = torch.bmm(xs, a.index_select(0, slot).transpose(1, 2))  # (rows, tokens, R)
+    base = out.reshape(rows, -1, out.shape[-1]).to(a.dtype)
+    return torch.baddbmm(base, h, b.index_select(0, slot).transpose(1, 2)).view(out.shape).to(out.dtype)
+
+
 class Host(nn.Module):
     """A base module plus named deltas. ``forward`` runs the base, then each active, unmerged
     delta in order (``out = delta(x, out)``), or, inside :func:`paretune.per_sample`, each
@@ -61,18 +73,30 @@ class Host(nn.Module):
             self._made_bias = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
+        out = self._modules["base"](x, *args, **kwargs)
         if self._plan is not None:
             return self._forward_per_sample(x, out)
-        for name, delta in self.deltas.items():
+        off_shifts, run = self._route()
+        for delta in off_shifts:
             # a delta that changed the base at init (PiSSA's residual) gives the original base back
             # while it is off, so "off" always means the model as it was
-            if delta.shifts_base and name not in self.active:
-                out = out + delta.unshift(x).to(out.dtype)
-        for name in self.active:
-            if name not in self.merged:
-                out = self.deltas[name](x, out)
+            out = out + delta.unshift(x).to(out.dtype)
+        for delta in run:
+            out = delta(x, out)
         return out
+
+    def _route(self) -> tuple[tuple[Delta, ...], tuple[Delta, ...]]:
+        """(deltas whose base shift is undone, deltas run in order), cached until the active set,
+        the merged set or the deltas change, so the forward pass does no per-call bookkeeping."""
+        key = (self.active, tuple(self.merged), len(self.deltas))
+        cached = self.__dict__.get("_route_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        deltas = self.deltas
+        off = tuple(d for n, d in deltas.items() if d.shifts_base and n not in self.active)
+        run = tuple(deltas[n] for n in self.active if n not in self.merged)
+        self.__dict__["_route_cache"] = (key, (off, run))
+        return off, run
 
     def _forward_per_sample(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self._plan_rows:
@@ -83,6 +107,9 @@ class Host(nn.Module):
         shifts = {n: d.unshift(x).to(out.dtype) for n, d in self.deltas.items() if d.shifts_base}
         for shift in shifts.values():
             out = out + shift  # the original base output for every row
+        stacked = self._stacked_factors(x)
+        if stacked is not None:
+            return gathered_low_rank(x, out, *stacked)
         result = out
         for name, rows in self._plan:
             if name not in self.deltas:
@@ -94,6 +121,42 @@ class Host(nn.Module):
             sub = self.deltas[name](x.index_select(0, rows), base_rows)
             result = result.index_copy(0, rows, sub.to(result.dtype))
         return result
+
+    def _stacked_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For the gathered fast path: (A (N+1, R, d_in), B (N+1, d_out, R) with each adapter's
+        scaling folded in, slot per row), slot 0 all zeros for rows with no adapter here; N = the
+        plan's adapters on this module, R = their largest rank (smaller ones zero-padded). None when
+        the fast path does not apply: gradients wanted, a kind other than Linear / Conv1D, a method
+        without an exact LoRA form, or a rank so large the loop is cheaper."""
+        if self.kind not in ("linear", "conv1d") or x.dim() < 2:
+            return None
+        names = [n for n, _ in self._plan if n in self.deltas]
+        if not names:
+            return None  # no row's adapter touches this module: the loop path returns the base output
+        deltas = [self.deltas[n] for n in names]
+        if torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters()):
+            return None
+        key = (tuple(names), tuple(p._version for d in deltas for p in d.parameters()), x.device)
+        cached = self.__dict__.get("_stack_cache")
+        if cached is None or cached[0] != key:
+            factors = [d.as_lora() for d in deltas]
+            if any(f is None for f in factors):
+                return None
+            rank = max((f[0].shape[0] for f in factors), default=1)
+            if 2 * rank > min(self.geometry.d_in, self.geometry.d_out):
+                return None
+            dtype = factors[0][0].dtype if factors else x.dtype
+            a = torch.zeros(len(factors) + 1, rank, self.geometry.d_in, dtype=dtype, device=x.device)
+            b = torch.zeros(len(factors) + 1, self.geometry.d_out, rank, dtype=dtype, device=x.device)
+            for i, (fa, fb, scale) in enumerate(factors, start=1):
+                a[i, : fa.shape[0]] = fa.to(device=x.device, dtype=dtype)
+                b[i, :, : fb.shape[1]] = fb.to(device=x.device, dtype=dtype) * scale
+            cached = (key, a, b)
+            self.__dict__["_stack_cache"] = cached
+        slot = torch.zeros(self._plan_rows, dtype=torch.long)
+        for i, name in enumerate(names, start=1):
+            slot[dict(self._plan)[name]] = i
+        return cached[1], cached[2], slot.to(x.device)
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={self.merged}"

@@ -146,6 +146,20 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], path: Any) -> None
         )
 
 
+def _split_by_module(tensors: dict[str, torch.Tensor], targets: list[str], path: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"<module>.<tensor>": t}`` -> ``{module: {tensor: t}}`` (module names may hold dots)."""
+    per_module: dict[str, dict[str, torch.Tensor]] = {t: {} for t in targets}
+    for key, t in tensors.items():
+        module_name, _, tensor_name = key.rpartition(".")
+        while module_name and module_name not in per_module and "." in module_name:
+            module_name, _, head = module_name.rpartition(".")
+            tensor_name = f"{head}.{tensor_name}"
+        if module_name not in per_module:
+            raise AdapterFileError(f"{path}: tensor {key!r} belongs to no adapted module; the file is corrupt.")
+        per_module[module_name][tensor_name] = t
+    return per_module
+
+
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, trainable: bool = False) -> nn.Module:
     """Add the adapter saved in folder ``path`` to ``model`` (in place) and return the model.
 
@@ -159,15 +173,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     spec = registry.get(meta["method"])
     check_fingerprint(model, meta, path)
     name = name or meta.get("name") or "default"
-    per_module: dict[str, dict[str, torch.Tensor]] = {t: {} for t in meta["targets"]}
-    for key, t in tensors.items():
-        module_name, _, tensor_name = key.rpartition(".")
-        while module_name and module_name not in per_module and "." in module_name:
-            module_name, _, head = module_name.rpartition(".")
-            tensor_name = f"{head}.{tensor_name}"
-        if module_name not in per_module:
-            raise AdapterFileError(f"{path}: tensor {key!r} belongs to no adapted module; the file is corrupt.")
-        per_module[module_name][tensor_name] = t
+    per_module = _split_by_module(tensors, meta["targets"], path)
     grad = {id(p): p.requires_grad for p in model.parameters()}
     exact = "|".join(re.escape(t) for t in meta["targets"])
     adapt(model, spec.name, name=name, targets=exact, **meta["config"])
@@ -179,4 +185,43 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
         raise
     for p in model.parameters():
         p.requires_grad_(grad.get(id(p), trainable))
+    return model
+
+
+def hot_swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load the adapter saved in ``path`` into the slots of adapter ``name`` in place: the same
+    modules and the same parameter tensors get the new values (``copy_``), so a ``torch.compile``d
+    model runs the new adapter without recompiling, and an optimizer holding the parameters keeps
+    them. The saved adapter must have the same method, targets and shape-deciding options
+    (everything in its config but values that only affect initialisation); otherwise this is a
+    clear error and nothing changes."""
+    rec = record_of(model, name)
+    meta = read_meta(path)
+    tensors = read_tensors(path)
+    check_fingerprint(model, meta, path)
+    if meta["method"] != rec.method:
+        raise AdapterFileError(f"{path} holds a {meta['method']} adapter; adapter {name!r} is {rec.method}. "
+                               "Hot-swap needs the same method: use paretune.load to add it as a new adapter.")
+    if list(meta["targets"]) != list(rec.targets):
+        raise AdapterFileError(f"{path} adapts other modules than adapter {name!r}; hot-swap needs the same targets.")
+    spec = registry.get(rec.method)
+    saved = spec.config_cls.from_dict(meta["config"]).to_dict()
+    have = rec.config.to_dict()
+    init_only = set(getattr(spec.config_cls, "INIT_ONLY", ()))
+    differ = sorted(k for k in have if k not in init_only and saved.get(k) != have.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} vs {have.get(k)!r}" for k in differ)
+        raise AdapterFileError(
+            f"{path} was made with other options than adapter {name!r} ({shown}); hot-swap keeps the compiled "
+            "shapes and scaling, so these must match. Use paretune.load to add it as a new adapter."
+        )
+    per_module = _split_by_module(tensors, rec.targets, path)
+    hosts = {m: model.get_submodule(m) for m in rec.targets}
+    for module_name, host in hosts.items():  # check everything before changing anything
+        own = host.deltas[name].stored_state()
+        state = per_module[module_name]
+        if set(own) != set(state) or any(tuple(own[k].shape) != tuple(state[k].shape) for k in own):
+            raise AdapterFileError(f"{path}: the tensors of {module_name} do not match adapter {name!r}'s slots.")
+    for module_name, host in hosts.items():
+        host.deltas[name].load_stored(per_module[module_name], where=module_name)
     return model

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig
@@ -29,6 +31,7 @@ from ..core.geometry import Geometry
 from ..core.registry import register
 
 ADAPTER_DTYPES = (torch.float32, torch.float64)
+MATMUL_KINDS = ("linear", "conv1d")  # hosts whose op is x @ Wᵀ on the last dimension
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -59,6 +62,7 @@ class LowRankConfig(AdapterConfig):
 
 @dataclasses.dataclass
 class LoraConfig(LowRankConfig):
+    INIT_ONLY: ClassVar[tuple[str, ...]] = ("init",)  # options hot_swap may see differ
     init: str = "kaiming"
 
     def validate(self) -> None:
@@ -102,13 +106,22 @@ class LoraDelta(Delta):
             nn.init.zeros_(self.B)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        if self.kind != "embedding":
-            x = x.to(self.A.dtype)
+        a, b = self.A, self.B
+        if self.kind in MATMUL_KINDS and x.dtype == a.dtype == base_out.dtype:
+            # the fast path: one matmul down, then the up matmul fused with the scaling and the
+            # add into the base output (addmm), so no activation-sized temporaries are made
             if self.drop is not None:
                 x = self.drop(x)
-        h = g.project_in(x, self.A)
-        return base_out + g.project_out(h, self.B * self.scaling).to(base_out.dtype)
+            h = F.linear(x, a).reshape(-1, a.shape[0])
+            flat = base_out.reshape(-1, b.shape[0])
+            return torch.addmm(flat, h, b.t(), alpha=self.scaling).view(base_out.shape)
+        g = self.geometry
+        if self.kind != "embedding":
+            x = x.to(a.dtype)
+            if self.drop is not None:
+                x = self.drop(x)
+        h = g.project_in(x, a)
+        return base_out + g.project_out(h, b * self.scaling).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         dtype = adapter_dtype(self.A)  # float64 adapters keep their precision

@@ -17,9 +17,12 @@ FILE = "state.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: int, history: list[float]) -> None:
+    """Write the tensors the optimizer trains (also those a schedule has frozen since, such as
+    LaMDA's B), the optimizer, step, history and RNG states."""
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     state = {
         "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if id(p) in trained},
         "optimizer": optimizer.state_dict(),
         "history": list(history),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),

@@ -225,6 +225,8 @@ def train(
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
     deltas = [d for _, h in hosts(raw) for n, d in h.deltas.items() if n in h.active and hasattr(d, "on_step")]
+    for d in deltas if start_step else ():  # a resumed run: schedules pick up where they were
+        d.on_step(start_step, steps)
     if cuda:
         torch.cuda.reset_peak_memory_stats(acc.device)
 
@@ -284,7 +286,8 @@ def train(
         "world_size": world,
         "device": str(acc.device),
         "mixed_precision": mixed_precision,
-        "trainable": sum(p.numel() for p in raw.parameters() if p.requires_grad),
+        # what the optimizer trained (a schedule may have frozen some of it since, e.g. LaMDA's B)
+        "trainable": sum(p.numel() for p in params),
     }
     if enc_eval is not None:
         metrics.update(evaluate(raw, enc_eval, pad_id, acc.device, eval_batch_size, acc.autocast))
