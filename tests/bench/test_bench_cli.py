@@ -48,6 +48,8 @@ def test_quick(app, fake, tmp_path):
         assert "--model minilm-l6 --task city-continent" in text
         assert "--steps 150" in text and "--batch-size 32" in text and "--seed 0" in text
         assert "--max-eval 2000" in text
+        # the common classification head trains at the head baseline's rate in every run
+        assert ("--head-lr" in text) == ("--method head" not in text)
     finished = len(fake.calls) - 1
     assert (out / "runs.sqlite").is_file() and (out / "pareto.png").is_file() and (out / "report.html").is_file()
     assert "lora" in res.stdout and "r=8" in res.stdout and "params" in res.stdout

@@ -1,5 +1,6 @@
 """The sweep: the run list, one subprocess per run (a fake one here), failures, resuming."""
 
+import dataclasses
 import json
 import sys
 
@@ -196,3 +197,17 @@ def test_a_stale_metrics_file_is_not_trusted(bert, tmp_path):
     with Store(tmp_path) as store:
         run_sweep(plan.runs, store, tmp_path, runner=crash, progress=False, log=lambda s: None, env=ENV)
         assert store.runs()[0]["status"] == "failed"
+
+
+def test_head_lr_and_max_eval_are_part_of_a_run():
+    plain = RunSpec("minilm-l6", "city-continent", "lora", {"r": 2}, None, 0, 150, 2e-3, 32)
+    tuned = dataclasses.replace(plain, head_lr=5e-3, max_eval=2000)
+    assert plain.key != tuned.key
+    argv = tuned.argv("out")
+    assert argv[argv.index("--head-lr") + 1] == "0.005" and argv[argv.index("--max-eval") + 1] == "2000"
+    assert "--head-lr" not in plain.argv("out")
+
+
+def test_a_method_can_carry_its_own_bench_lr():
+    assert sweep.default_lr("vera") == registry.get("vera").default_lr == 1e-2
+    assert sweep.default_lr("lora") == DEFAULT_LR["adapter"]

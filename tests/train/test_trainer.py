@@ -152,3 +152,38 @@ def test_gpu_training_uses_bf16(tiny_bert, minilm_tokenizer, colour_data):
                 method="lora", steps=3, batch_size=8, progress=False)
     assert res.metrics["device"].startswith("cuda") and res.metrics["mixed_precision"] == "bf16"
     assert res.metrics["peak_memory_bytes"] > 0 and res.history[-1] == res.history[-1]  # finite
+
+
+def test_head_lr_gives_the_head_its_own_rate(tiny_bert, minilm_tokenizer, colour_data):
+    seen = []
+
+    def record(step, model, opt):
+        seen.append(sorted((len(g["params"]), g["peak_lr"], g["lr"]) for g in opt.param_groups))
+
+    train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, tokenizer=minilm_tokenizer, method="lora",
+          steps=2, batch_size=8, lr=1e-3, head_lr=5e-3, warmup=0, schedule="constant", progress=False,
+          on_step=record)
+    (adapter, head) = sorted(seen[-1], key=lambda g: g[1])
+    assert adapter[1] == adapter[2] == 1e-3 and head[1] == head[2] == 5e-3
+    assert head[0] == 2  # the classifier's weight and bias
+    with pytest.raises(ParetuneError, match="head_lr"):
+        train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, tokenizer=minilm_tokenizer, method="lora",
+              steps=1, batch_size=8, head_lr=0.0, progress=False)
+
+
+def test_resumed_schedule_and_checkpoint_keep_frozen_tensors(tiny_bert, minilm_tokenizer, colour_data, tmp_path):
+    """LaMDA freezes B mid-run: a checkpoint still holds it, and a resumed run freezes it again."""
+    kw = dict(tokenizer=minilm_tokenizer, method="lamda", options={"r": 2, "freeze_fraction": 0.25}, steps=8,
+              batch_size=8, progress=False, seed=1)
+    full = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, **kw)
+    part = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(tmp_path / "ck"),
+                 checkpoint_every=4, **{**kw, "steps": 8})
+    state = torch.load(tmp_path / "ck" / "state.pt", weights_only=False)
+    assert any(n.endswith(".B") for n in state["trainable"])  # frozen by step 4, still saved
+    resumed = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(tmp_path / "ck"),
+                    resume=True, **kw)
+    want = {n: p for n, p in full.model.named_parameters() if ".deltas." in n}
+    got = {n: p for n, p in resumed.model.named_parameters() if ".deltas." in n}
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5)
+    assert part.metrics["trainable"] == full.metrics["trainable"]

@@ -106,7 +106,8 @@ def run_bench(
         budgets = _default_budgets(net, names, model, quick, targets)
     plan = sweep.plan_runs(net, model=model, task=task, methods=names, budgets=budgets, seeds=seeds, steps=steps,
                            batch_size=batch_size, lr=lr, targets=targets, baselines=baselines,
-                           max_eval=sweep.QUICK["max_eval"] if quick else None)
+                           max_eval=sweep.QUICK["max_eval"] if quick else None,
+                           head_lr=sweep.DEFAULT_LR["head"] if lr is None and t.kind == "classification" else None)
     del net
     for note in plan.notes:
         echo(f"note: {note}")

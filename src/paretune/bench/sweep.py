@@ -39,7 +39,9 @@ BASELINES = ("head", "full")
 
 # Default peak learning rate per method ("adapter": any registered method not listed; a method
 # may also carry its own ``default_lr`` on its registry spec). Chosen for short runs (~150 steps
-# of batch 32) on the small bundled models; --lr overrides them all.
+# of batch 32) on the small bundled models; --lr overrides them all. On a classification task the
+# task head, common to every run, trains at the "head" rate in every run (the head-only baseline's
+# rate), so that differences between methods come from the methods, not from their head's rate.
 DEFAULT_LR: dict[str, float] = {"full": 1e-4, "head": 5e-3, "adapter": 2e-3}
 
 # `paretune bench --quick`: MiniLM-L6 on city-continent, every method that fits, one seed, one
@@ -80,6 +82,7 @@ class RunSpec:
     targets: tuple[str, ...] | None = None
     trainable_planned: int | None = None  # the budget planner's count (adapter parameters only)
     max_eval: int | None = None  # evaluate on the first N held-out examples (None: all)
+    head_lr: float | None = None  # the task head's own learning rate (classification)
 
     def canonical(self) -> dict[str, Any]:
         out = {"model": self.model, "task": self.task, "method": self.method, "options": self.options,
@@ -87,6 +90,8 @@ class RunSpec:
                "steps": self.steps, "lr": float(self.lr), "batch_size": self.batch_size}
         if self.max_eval is not None:
             out["max_eval"] = self.max_eval
+        if self.head_lr is not None:
+            out["head_lr"] = float(self.head_lr)
         return out
 
     @property
@@ -111,6 +116,8 @@ class RunSpec:
                  "--seed", str(self.seed), "--no-save", "--out", str(run_dir)]
         if self.max_eval is not None:
             argv += ["--max-eval", str(self.max_eval)]
+        if self.head_lr is not None:
+            argv += ["--head-lr", repr(float(self.head_lr))]
         return argv
 
 
@@ -141,7 +148,7 @@ def resolve_methods(methods: Sequence[str] | None) -> list[str]:
 def plan_runs(net: nn.Module, *, model: str, task: str, methods: Sequence[str] | None, budgets: Sequence[int],
               seeds: Sequence[int], steps: int, batch_size: int, lr: float | None = None,
               targets: Sequence[str] | None = None, baselines: Sequence[str] = BASELINES,
-              max_eval: int | None = None) -> Plan:
+              max_eval: int | None = None, head_lr: float | None = None) -> Plan:
     """The run list: every method at every budget and seed, then the baselines once per seed.
     ``net`` is the model, used only to count parameters per method and budget."""
     names = resolve_methods(methods)
@@ -188,11 +195,12 @@ def plan_runs(net: nn.Module, *, model: str, task: str, methods: Sequence[str] |
         for seed in seeds:
             for budget, options, count in chosen:
                 add(RunSpec(model, task, method, dict(options), budget, int(seed), steps, m_lr, batch_size, tgt,
-                            count, max_eval))
+                            count, max_eval, head_lr))
     for seed in seeds:
         for b in base_runs:
             b_lr = float(lr) if lr is not None else default_lr(b)
-            add(RunSpec(model, task, b, {}, None, int(seed), steps, b_lr, batch_size, None, None, max_eval))
+            add(RunSpec(model, task, b, {}, None, int(seed), steps, b_lr, batch_size, None, None, max_eval,
+                        head_lr if b == "full" else None))
     return Plan(runs, notes)
 
 

@@ -26,6 +26,7 @@ class MethodSpec:
     kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d
     budget_option: str | None = None  # the integer option that sets its size (default: r if it has one)
     budget_max: int | None = None  # largest value of that option worth trying (default: min(d_out, d_in))
+    default_lr: float | None = None  # the bench's learning rate for it (default: the bench's adapter rate)
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -34,7 +35,7 @@ _METHODS: dict[str, MethodSpec] = {}
 def register(
     name: str, *, config: type["AdapterConfig"], summary: str, formula: str,
     kinds: tuple[str, ...] = ("linear", "conv1d", "embedding", "conv2d"),
-    budget_option: str | None = None, budget_max: int | None = None,
+    budget_option: str | None = None, budget_max: int | None = None, default_lr: float | None = None,
 ) -> Callable[[type["Delta"]], type["Delta"]]:
     """Class decorator registering a Delta class and its config dataclass under ``name``."""
 
@@ -43,7 +44,8 @@ def register(
             raise ValueError(f"method {name!r} is registered twice")
         config.method = name
         cls.method = name
-        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, kinds, budget_option, budget_max)
+        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, kinds, budget_option, budget_max,
+                                    default_lr)
         return cls
 
     return deco

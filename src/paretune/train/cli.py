@@ -33,6 +33,7 @@ def run_training(
     targets: list[str] | None, steps: int, lr: float, batch_size: int, seed: int, out: Path,
     max_train: int | None = None, max_eval: int | None = None, grad_accum: int = 1, max_length: int = 64,
     resume: bool = False, checkpoint_every: int = 0, save_weights: bool = True, progress: bool = True,
+    head_lr: float | None = None,
 ) -> dict:
     """What `paretune train` does, callable from Python: returns the metrics it wrote."""
     from safetensors.torch import save_file
@@ -68,7 +69,7 @@ def run_training(
         net, train_ds, eval_ds, tokenizer=tokenizer, method=method, options=options, targets=targets or None,
         steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, max_length=max_length,
         checkpoint_dir=str(out / "checkpoint") if checkpoint_every or resume else None,
-        checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+        checkpoint_every=checkpoint_every, resume=resume, progress=progress, head_lr=head_lr,
     )
     net = result.model
     heads = head_modules(net) if kind == "classification" else []
@@ -123,6 +124,7 @@ def train_command(
     targets: List[str] = typer.Option([], "--targets", help="module names/suffixes to adapt (default all-linear)"),
     steps: int = typer.Option(200, help="optimizer steps"),
     lr: float = typer.Option(1e-3, help="peak learning rate"),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="peak learning rate of the task head (default: --lr)"),
     batch_size: int = typer.Option(32, "--batch-size", help="global batch per optimizer step"),
     grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per step"),
     seed: int = typer.Option(0),
@@ -139,7 +141,7 @@ def train_command(
         model=model, task=task, data=data, eval_data=eval_data, method=method, options=parse_options(option),
         targets=list(targets) or None, steps=steps, lr=lr, batch_size=batch_size, seed=seed, out=out,
         max_train=max_train, max_eval=max_eval, grad_accum=grad_accum, max_length=max_length, resume=resume,
-        checkpoint_every=checkpoint_every, save_weights=not no_save, progress=sys.stderr.isatty(),
+        checkpoint_every=checkpoint_every, save_weights=not no_save, progress=sys.stderr.isatty(), head_lr=head_lr,
     )
     name = metrics.get("metric")
     shown = f"{name}={metrics[name]:.4f}, " if name else ""

@@ -58,6 +58,18 @@ def head_modules(model: nn.Module) -> list[str]:
     return sorted(output_head_names(model))
 
 
+def _param_groups(model: nn.Module, params: list, lr: float, head_lr: float | None) -> list[dict]:
+    """One AdamW group at ``lr``, or two when the task head has its own ``head_lr``."""
+    if head_lr is None:
+        return [{"params": params, "peak_lr": lr}]
+    if not head_lr > 0:
+        raise ParetuneError(f"head_lr={head_lr!r}: give a learning rate > 0.")
+    head = {id(p) for h in head_modules(model) for p in model.get_submodule(h).parameters()}
+    groups = [{"params": [p for p in params if id(p) not in head], "peak_lr": lr},
+              {"params": [p for p in params if id(p) in head], "peak_lr": head_lr, "lr": head_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def _set_trainable(model: nn.Module, method: str | None, options: dict, targets, name: str, kind: str,
                    train_head: bool | str) -> None:
     if method == "full":
@@ -173,6 +185,7 @@ def train(
     resume: bool = False,
     mixed_precision: str = "auto",
     train_head: bool | str = "auto",
+    head_lr: float | None = None,
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -183,7 +196,9 @@ def train(
     (generation with a causal LM). ``method``: ``None`` trains what is already trainable (e.g.
     after ``paretune.adapt``), a method name adapts first with ``options`` and ``targets``,
     ``"head"`` trains the task head only (frozen base) and ``"full"`` every parameter.
-    ``train_head="auto"`` also trains a classification head with any adapter method.
+    ``train_head="auto"`` also trains a classification head with any adapter method;
+    ``head_lr`` gives the task head its own peak learning rate (default: ``lr``), so that runs
+    of different methods can train their common head alike.
     Returns a :class:`TrainResult` whose ``metrics`` hold train_seconds, peak_memory_bytes,
     train_loss, eval_loss and the task metric.
     """
@@ -216,7 +231,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ParetuneError("nothing to train: no parameter requires grad. Adapt the model or pass method=.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, lr, head_lr), lr=lr, weight_decay=weight_decay)
     model.train()
     start_step, history = 0, []
     if resume and checkpoint_dir and has_checkpoint(checkpoint_dir):
@@ -245,7 +260,7 @@ def train(
         units = enc.loss_units(rows)
         mine = rows[rank * per_rank:(rank + 1) * per_rank]
         for g in optimizer.param_groups:
-            g["lr"] = lr * lr_factor(step, steps, warmup_steps, schedule)
+            g["lr"] = g["peak_lr"] * lr_factor(step, steps, warmup_steps, schedule)
         step_loss = 0.0
         for k in range(grad_accum):
             part = mine[k * micro:(k + 1) * micro]
