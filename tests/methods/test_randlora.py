@@ -12,32 +12,18 @@ from safetensors import safe_open
 from torch import nn
 
 import paretune
-from paretune.core.host import Host
 from paretune.errors import ConfigError
-from paretune.methods.randlora import RandLoraDelta, _ScaledA, num_bases
+from paretune.methods.randlora import _ScaledA, num_bases
 
-SHAPES = [(8, 16), (16, 8), (12, 12), (30, 7)]  # (d_in, d_out)
-TARGETS = [str(i) for i in range(6)]
+from layer_chain import SHAPES, TARGETS, chain, deltas
+from layer_chain import randomise as randomise_unit
+
 BASES = [{}, {"sparse": True}, {"very_sparse": True}]
 
 
-def chain(seed: int = 0) -> nn.Sequential:
-    """Linear layers of every shape in SHAPES (and 8->12, 12->30 to chain them)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 12), nn.Linear(12, 12),
-                         nn.Linear(12, 30), nn.Linear(30, 7))
-
-
-def deltas(model: nn.Module, name: str = "default") -> dict[str, RandLoraDelta]:
-    return {n: m.deltas[name] for n, m in model.named_modules() if isinstance(m, Host)}
-
-
-@torch.no_grad()
 def randomise(model: nn.Module, seed: int = 3, scale: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.copy_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    """Random Λ, Γ at a scale that keeps the tiny chain's outputs moderate."""
+    randomise_unit(model, seed, scale)
 
 
 # -- counts and init ---------------------------------------------------------------------------

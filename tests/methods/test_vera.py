@@ -11,33 +11,9 @@ from safetensors import safe_open
 from torch import nn
 
 import paretune
-from paretune.core.host import Host
 from paretune.errors import ConfigError
-from paretune.methods.vera import VeraDelta
 
-SHAPES = [(8, 16), (16, 8), (12, 12), (30, 7)]  # (d_in, d_out)
-
-
-def chain(seed: int = 0) -> nn.Sequential:
-    """Linear layers of every shape in SHAPES (and 8->12, 12->30 to chain them)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 12), nn.Linear(12, 12),
-                         nn.Linear(12, 30), nn.Linear(30, 7))
-
-
-TARGETS = [str(i) for i in range(6)]
-
-
-def deltas(model: nn.Module, name: str = "default") -> dict[str, VeraDelta]:
-    return {n: m.deltas[name] for n, m in model.named_modules() if isinstance(m, Host)}
-
-
-@torch.no_grad()
-def randomise(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+from layer_chain import SHAPES, TARGETS, chain, deltas, randomise
 
 
 # -- counts and init ---------------------------------------------------------------------------
