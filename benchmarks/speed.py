@@ -43,7 +43,7 @@ def load_base(device: str) -> torch.nn.Module:
     from paretune import models
 
     model, _ = models.load(MODEL, task="causal-lm")
-    return model.to(device).float().eval()
+    return model.to(device).eval()
 
 
 def sync(device: str) -> None:
@@ -99,7 +99,7 @@ def peft_lora(base: torch.nn.Module, names: list[str], rank: int) -> torch.nn.Mo
 def measure_forward(device: str, repeats: int, rank: int) -> dict:
     base = load_base(device)
     vocab = base.config.vocab_size
-    ours, theirs = paretune_lora(base, ["a"], rank), peft_lora(base, ["a"], rank)
+    ours, theirs = paretune_lora(base, ["task0"], rank), peft_lora(base, ["task0"], rank)
     ids = ids_for(4, device, vocab)
     runs = {"base": lambda: base(input_ids=ids), "paretune": lambda: ours(input_ids=ids),
             "peft": lambda: theirs(input_ids=ids)}
@@ -116,7 +116,7 @@ def measure_mixed(device: str, repeats: int, rank: int, counts: list[int]) -> di
     vocab = base.config.vocab_size
     out = {}
     for n in counts:
-        names = [f"t{i}" for i in range(n)]
+        names = [f"task{i}" for i in range(n)]
         ours, theirs = paretune_lora(base, names, rank), peft_lora(base, names, rank)
         ids = ids_for(n, device, vocab)
 
@@ -184,9 +184,9 @@ def train_variant(variant: str, device: str, steps: int, rank: int) -> dict:
         for p in model.parameters():
             p.requires_grad_(True)
     elif variant == "paretune":
-        model = paretune_lora(base, ["a"], rank)
+        model = paretune_lora(base, ["task0"], rank)
     else:
-        model = peft_lora(base, ["a"], rank)
+        model = peft_lora(base, ["task0"], rank)
     del base
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -189,11 +189,19 @@ def format_table(s: Summary) -> str:
 
 # -- plot -----------------------------------------------------------------------------------
 
-def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+METHOD_MARKERS = ("o", "^", "v", "P", "X", "<", ">")
+BASELINE_COLORS = {"head": "white", "full": "black"}  # outside tab10, so no method shares them
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """(colour, marker) per method, every pair distinct: tab10's ten colours, then the next
+    marker shape for the next ten methods (baselines keep their own markers)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods)))}
+    names = sorted(set(methods))
+    return {m: (cmap(i % 10), BASELINE_MARKERS.get(m, METHOD_MARKERS[(i // 10) % len(METHOD_MARKERS)]))
+            for i, m in enumerate(names)}
 
 
 def plot_png(s: Summary) -> bytes:
@@ -202,7 +210,8 @@ def plot_png(s: Summary) -> bytes:
 
     fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)
-    colors = method_colors([r["method"] for r in s.runs])
+    styles = method_styles([r["method"] for r in s.runs if r["method"] not in BASELINE_MARKERS])
+    styles.update({m: (BASELINE_COLORS.get(m, "gray"), marker) for m, marker in BASELINE_MARKERS.items()})
     panels = (("trainable", "pareto_params", "trainable parameters"), ("stored_bytes", "pareto_bytes", "stored bytes"))
     for ax, (attr, flag, xlabel) in zip(axes, panels):
         labelled: set[str] = set()
@@ -212,7 +221,8 @@ def plot_png(s: Summary) -> bytes:
                 continue
             m = r["method"]
             base = m in BASELINE_MARKERS
-            ax.scatter([x], [y], color=colors[m], marker=BASELINE_MARKERS.get(m, "o"), s=70 if base else 40,
+            color, marker = styles[m]
+            ax.scatter([x], [y], color=color, marker=marker, s=70 if base else 40,
                        edgecolors="black" if base else "none", linewidths=1.2, zorder=3, alpha=0.9,
                        label=(f"{m} (baseline)" if base else m) if m not in labelled else None)
             labelled.add(m)
