@@ -12,9 +12,10 @@ are interleaved within every repeat, so machine noise hits them alike):
     paretune's ``per_sample`` and PEFT's ``adapter_names`` / base. The batch keeps 512 tokens:
     N rows of 512/N tokens (4 x 128, 16 x 32, 64 x 8);
 (c) a training step (forward, backward, AdamW step) on batch 4 x 128 with a causal-LM loss:
-    LoRA / full fine-tuning, time and peak memory, for paretune and PEFT. Each of the three runs
-    in its own subprocess; peak memory is the peak of CUDA allocations on a GPU, and on a CPU the
-    peak resident set size sampled every 2 ms during the steps, minus the size before them.
+    LoRA / full fine-tuning, time and peak memory, for paretune and PEFT. Step times are taken in
+    one process, the three variants' steps interleaved (``--steps`` each); peak memory is taken
+    with each variant alone in its own subprocess: the peak of CUDA allocations on a GPU, and on a
+    CPU the peak resident set size sampled every 2 ms during the steps, minus the size before.
 
 It prints a table and writes JSON (``--out``) with the machine, versions and every number.
 """
@@ -176,18 +177,16 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
-def train_variant(variant: str, device: str, steps: int, rank: int) -> dict:
-    """Runs in a subprocess: ``steps`` training steps of one variant; median step time and peak."""
-    base = load_base(device)
+def training_step(variant: str, base: torch.nn.Module, device: str, rank: int, copy_base: bool = True):
+    """(step function, trainable count) of one variant: full fine-tuning, paretune or PEFT LoRA."""
     if variant == "full":
-        model = base
+        model = copy.deepcopy(base) if copy_base else base
         for p in model.parameters():
             p.requires_grad_(True)
     elif variant == "paretune":
         model = paretune_lora(base, ["task0"], rank)
     else:
         model = peft_lora(base, ["task0"], rank)
-    del base
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -200,6 +199,12 @@ def train_variant(variant: str, device: str, steps: int, rank: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: optimizer state exists from here on, as in a real run
+    return step, sum(p.numel() for p in params)
+
+
+def train_variant(variant: str, device: str, steps: int, rank: int) -> dict:
+    """Runs in a subprocess: ``steps`` training steps of one variant alone; its peak memory."""
+    step, trainable = training_step(variant, load_base(device), device, rank, copy_base=False)
     times = []
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -212,19 +217,26 @@ def train_variant(variant: str, device: str, steps: int, rank: int) -> dict:
             for _ in range(steps):
                 times.append(timed(step, device))
         peak = mem.peak - mem.start
-    return {"seconds": statistics.median(times), "peak_bytes": int(peak),
-            "trainable": sum(p.numel() for p in params)}
+    return {"seconds_alone": statistics.median(times), "peak_bytes": int(peak), "trainable": trainable}
 
 
 def measure_training(device: str, steps: int, rank: int) -> dict:
+    base = load_base(device)
+    steps_of = {v: training_step(v, base, device, rank)[0] for v in ("full", "paretune", "peft")}
+    samples: dict[str, list[float]] = {v: [] for v in steps_of}
+    for _ in range(steps):
+        for v, fn in steps_of.items():
+            samples[v].append(timed(fn, device))
+    del steps_of, base
     out = {}
     for variant in ("full", "paretune", "peft"):
-        cmd = [sys.executable, __file__, "--train-variant", variant, "--device", device, "--steps", str(steps),
+        cmd = [sys.executable, __file__, "--train-variant", variant, "--device", device, "--steps", "3",
                "--rank", str(rank)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"training variant {variant} failed:\n{res.stderr[-3000:]}")
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+        out[variant]["seconds"] = statistics.median(samples[variant])
     for v in ("paretune", "peft"):
         out[v]["time_vs_full"] = out[v]["seconds"] / out["full"]["seconds"]
         out[v]["memory_vs_full"] = out[v]["peak_bytes"] / max(1, out["full"]["peak_bytes"])
@@ -276,7 +288,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
+    ap.add_argument("--steps", type=int, default=9, help="timed training steps per variant")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", default="4,16,64", help="adapter counts for the mixed batch")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 2 steps, 4 and 16 adapters")

@@ -224,9 +224,9 @@ def per_sample(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iter
     plan = [(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items() if n is not None]
     all_hosts = [h for _, h in hosts(model)]
     for h in all_hosts:
-        h._plan, h._plan_rows = plan, len(names)
+        h.set_plan(plan, len(names))
     try:
         yield model
     finally:
         for h in all_hosts:
-            h._plan, h._plan_rows = None, 0
+            h.set_plan(None, 0)

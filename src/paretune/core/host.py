@@ -104,7 +104,10 @@ class Host(nn.Module):
                 f"per_sample was given {self._plan_rows} adapter names but the batch has {x.shape[0]} rows; "
                 "pass one name (or None) per row."
             )
-        shifts = {n: d.unshift(x).to(out.dtype) for n, d in self.deltas.items() if d.shifts_base}
+        shifting = self.__dict__.get("_plan_shifting")
+        if shifting is None:
+            shifting = [(n, d) for n, d in self.deltas.items() if d.shifts_base]
+        shifts = {n: d.unshift(x).to(out.dtype) for n, d in shifting}
         for shift in shifts.values():
             out = out + shift  # the original base output for every row
         stacked = self._stacked_factors(x)
@@ -122,41 +125,60 @@ class Host(nn.Module):
             result = result.index_copy(0, rows, sub.to(result.dtype))
         return result
 
+    def set_plan(self, plan: list[tuple[str, torch.Tensor]] | None, rows: int) -> None:
+        """Install (or, with None, clear) a per-sample plan: for each adapter name its batch rows.
+        What the gathered path needs from the plan (this module's adapters, each row's slot, the
+        parameters whose versions tell if the stacked factors are stale) is worked out here, once
+        per ``per_sample`` block, not on every call."""
+        self._plan, self._plan_rows = plan, rows
+        self.__dict__["_plan_info"] = None
+        self.__dict__["_plan_shifting"] = None
+        if plan is None:
+            return
+        self.__dict__["_plan_shifting"] = [(n, d) for n, d in self.deltas.items() if d.shifts_base]
+        names = [n for n, _ in plan if n in self.deltas]
+        slot = torch.zeros(rows, dtype=torch.long)
+        for i, (name, row_ids) in enumerate(((n, r) for n, r in plan if n in self.deltas), start=1):
+            slot[row_ids] = i
+        params = [p for n in names for p in self.deltas[n].parameters()]
+        self.__dict__["_plan_info"] = (names, slot, params)
+
     def _stacked_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For the gathered fast path: (A (N+1, R, d_in), B (N+1, d_out, R) with each adapter's
         scaling folded in, slot per row), slot 0 all zeros for rows with no adapter here; N = the
         plan's adapters on this module, R = their largest rank (smaller ones zero-padded). None when
         the fast path does not apply: gradients wanted, a kind other than Linear / Conv1D, a method
         without an exact LoRA form, or a rank so large the loop is cheaper."""
-        if self.kind not in ("linear", "conv1d") or x.dim() < 2:
+        info = self.__dict__.get("_plan_info")
+        if info is None or self.kind not in ("linear", "conv1d") or x.dim() < 2:
             return None
-        names = [n for n, _ in self._plan if n in self.deltas]
+        names, slot, params = info
         if not names:
             return None  # no row's adapter touches this module: the loop path returns the base output
-        deltas = [self.deltas[n] for n in names]
-        if torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters()):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
-        key = (tuple(names), tuple(p._version for d in deltas for p in d.parameters()), x.device)
+        key = (tuple(names), tuple(p._version for p in params), x.device)
         cached = self.__dict__.get("_stack_cache")
         if cached is None or cached[0] != key:
-            factors = [d.as_lora() for d in deltas]
+            factors = [self.deltas[n].as_lora() for n in names]
             if any(f is None for f in factors):
                 return None
-            rank = max((f[0].shape[0] for f in factors), default=1)
+            rank = max(f[0].shape[0] for f in factors)
             if 2 * rank > min(self.geometry.d_in, self.geometry.d_out):
                 return None
-            dtype = factors[0][0].dtype if factors else x.dtype
+            dtype = factors[0][0].dtype
             a = torch.zeros(len(factors) + 1, rank, self.geometry.d_in, dtype=dtype, device=x.device)
             b = torch.zeros(len(factors) + 1, self.geometry.d_out, rank, dtype=dtype, device=x.device)
             for i, (fa, fb, scale) in enumerate(factors, start=1):
                 a[i, : fa.shape[0]] = fa.to(device=x.device, dtype=dtype)
                 b[i, :, : fb.shape[1]] = fb.to(device=x.device, dtype=dtype) * scale
-            cached = (key, a, b)
+            cached = (key, a, b, {})
             self.__dict__["_stack_cache"] = cached
-        slot = torch.zeros(self._plan_rows, dtype=torch.long)
-        for i, name in enumerate(names, start=1):
-            slot[dict(self._plan)[name]] = i
-        return cached[1], cached[2], slot.to(x.device)
+        slots_on = cached[3]  # the slot tensor on x's device, moved once
+        if slot.device != x.device and id(slot) not in slots_on:
+            slots_on.clear()
+            slots_on[id(slot)] = slot.to(x.device)
+        return cached[1], cached[2], slots_on.get(id(slot), slot)
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={self.merged}"

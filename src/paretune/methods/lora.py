@@ -114,6 +114,9 @@ class LoraDelta(Delta):
                 x = self.drop(x)
             h = F.linear(x, a).reshape(-1, a.shape[0])
             flat = base_out.reshape(-1, b.shape[0])
+            if not (torch.is_grad_enabled() and base_out.requires_grad) and flat.is_contiguous():
+                # inference: add into the base output in place (no new activation-sized tensor)
+                return flat.addmm_(h, b.t(), alpha=self.scaling).view(base_out.shape)
             return torch.addmm(flat, h, b.t(), alpha=self.scaling).view(base_out.shape)
         g = self.geometry
         if self.kind != "embedding":
