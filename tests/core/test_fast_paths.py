@@ -152,3 +152,44 @@ def test_hot_swap_refuses_what_does_not_fit(make_llama, tmp_path):
         paretune.hot_swap(model, tmp_path / "wider")
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("maker", ["make_llama", "make_gpt2"])
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_fused_training_path_equals_separate_ops(request, maker, method, perturb, ids, monkeypatch):
+    from paretune.methods.lora import LoraDelta
+
+    def run():
+        model = request.getfixturevalue(maker)()
+        paretune.adapt(model, method, r=2, alpha=3.0)
+        perturb(model, std=0.1)
+        loss = model(input_ids=ids).logits.pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    taken = []
+    original = LoraDelta.fused_forward
+    monkeypatch.setattr(LoraDelta, "fused_forward", lambda self, x: taken.append(1) or original(self, x))
+    fused_loss, fused_grads = run()
+    assert taken
+    monkeypatch.setattr(LoraDelta, "fused_forward", lambda self, x: None)
+    loss, grads = run()
+    torch.testing.assert_close(fused_loss, loss, atol=1e-6, rtol=1e-5)
+    assert fused_grads.keys() == grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(fused_grads[n], grads[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_fused_path_steps_aside_when_the_base_trains_or_has_hooks(make_llama):
+    model = make_llama()
+    paretune.adapt(model, "lora", r=2, targets=["q_proj"])
+    delta = _hosts(model)[0].deltas["default"]
+    x = torch.randn(2, 3, 16)
+    assert delta.fused_forward(x) is not None
+    with torch.no_grad():
+        assert delta.fused_forward(x) is None  # inference has its own fused add
+    handle = delta.geometry.base.register_forward_hook(lambda m, i, o: None)
+    assert delta.fused_forward(x) is None
+    handle.remove()
+    delta.geometry.weight.requires_grad_(True)
+    assert delta.fused_forward(x) is None

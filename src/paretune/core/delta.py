@@ -68,6 +68,11 @@ class Delta(nn.Module):
         """Dense ΔW, (d_out, d_in) in float32 precision of the parameters; None if not mergeable."""
         return None
 
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the host's whole output (base op and this delta) in one fused computation,
+        used when this is the only delta to run; None (the default) when it does not apply."""
+        return None
+
     def delta_bias(self) -> torch.Tensor | None:
         """Change of the base bias when merged (most methods: none)."""
         return None

@@ -40,6 +40,42 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in ADAPTER_DTYPES else torch.float32
 
 
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with W, b frozen, as one autograd node: the LoRA up projection is
+    added into the base output in place (addmm_), and in backward the LoRA part of ∂x is added into
+    the base part in place, so neither pass makes an activation-sized temporary for the branch.
+    Saves x and the small h = x Aᵀ (what separate ops would save too)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, a, up, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
+        h = x2 @ a.t()
+        y.addmm_(h, up.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, w, a, up)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, w, a, up = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        gh = (g @ up).mul_(s)
+        gx = ga = gup = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ w).addmm_(gh, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            ga = gh.t() @ x2
+        if ctx.needs_input_grad[4]:
+            gup = (g.t() @ h).mul_(s)
+        return gx, None, None, ga, gup, None
+
+
 @dataclasses.dataclass
 class LowRankConfig(AdapterConfig):
     """Options shared by LoRA-shaped methods: rank, alpha, dropout, rsLoRA scaling."""
@@ -125,6 +161,21 @@ class LoraDelta(Delta):
                 x = self.drop(x)
         h = g.project_in(x, a)
         return base_out + g.project_out(h, b * self.scaling).to(base_out.dtype)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Training fast path: the frozen base op and the LoRA branch as one autograd function
+        (see :class:`FusedLoraLinear`); None where it does not apply (inference, which the
+        fused addmm above already serves; dropout; a base that trains or has hooks; autocast)."""
+        if not (torch.is_grad_enabled() and self.kind in MATMUL_KINDS and self.drop is None):
+            return None
+        base = self.geometry.base
+        w, b = self.geometry.matrix(), self.geometry.bias
+        a, up = self.A, self.B
+        if not (a.requires_grad or up.requires_grad) or w.requires_grad or (b is not None and b.requires_grad):
+            return None
+        if not (x.dtype == w.dtype == a.dtype) or base._forward_hooks or base._forward_pre_hooks or _autocast_on():
+            return None
+        return FusedLoraLinear.apply(x, w, b, a, up, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         dtype = adapter_dtype(self.A)  # float64 adapters keep their precision
