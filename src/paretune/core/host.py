@@ -73,16 +73,14 @@ class Host(nn.Module):
             self._made_bias = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._plan is None and not args and not kwargs:
-            off_shifts, run = self._route()
-            if len(run) == 1 and not off_shifts:
-                fused = run[0].fused_forward(x)
-                if fused is not None:
-                    return fused
-        out = self._modules["base"](x, *args, **kwargs)
         if self._plan is not None:
-            return self._forward_per_sample(x, out)
+            return self._forward_per_sample(x, self._modules["base"](x, *args, **kwargs))
         off_shifts, run = self._route()
+        if len(run) == 1 and not off_shifts and not args and not kwargs:
+            fused = run[0].fused_forward(x)  # base op and delta in one node, where the delta offers it
+            if fused is not None:
+                return fused
+        out = self._modules["base"](x, *args, **kwargs)
         for delta in off_shifts:
             # a delta that changed the base at init (PiSSA's residual) gives the original base back
             # while it is off, so "off" always means the model as it was
@@ -110,10 +108,7 @@ class Host(nn.Module):
                 f"per_sample was given {self._plan_rows} adapter names but the batch has {x.shape[0]} rows; "
                 "pass one name (or None) per row."
             )
-        shifting = self.__dict__.get("_plan_shifting")
-        if shifting is None:
-            shifting = [(n, d) for n, d in self.deltas.items() if d.shifts_base]
-        shifts = {n: d.unshift(x).to(out.dtype) for n, d in shifting}
+        shifts = {n: d.unshift(x).to(out.dtype) for n, d in self.__dict__["_plan_shifting"]}
         for shift in shifts.values():
             out = out + shift  # the original base output for every row
         stacked = self._stacked_factors(x)
@@ -147,7 +142,7 @@ class Host(nn.Module):
         for i, (name, row_ids) in enumerate(((n, r) for n, r in plan if n in self.deltas), start=1):
             slot[row_ids] = i
         params = [p for n in names for p in self.deltas[n].parameters()]
-        self.__dict__["_plan_info"] = (names, slot, params)
+        self.__dict__["_plan_info"] = (names, slot, params, {})
 
     def _stacked_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For the gathered fast path: (A (N+1, R, d_in), B (N+1, d_out, R) with each adapter's
@@ -158,7 +153,7 @@ class Host(nn.Module):
         info = self.__dict__.get("_plan_info")
         if info is None or self.kind not in ("linear", "conv1d") or x.dim() < 2:
             return None
-        names, slot, params = info
+        names, slot, params, slots = info
         if not names:
             return None  # no row's adapter touches this module: the loop path returns the base output
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -166,25 +161,30 @@ class Host(nn.Module):
         key = (tuple(names), tuple(p._version for p in params), x.device)
         cached = self.__dict__.get("_stack_cache")
         if cached is None or cached[0] != key:
-            factors = [self.deltas[n].as_lora() for n in names]
-            if any(f is None for f in factors):
-                return None
-            rank = max(f[0].shape[0] for f in factors)
-            if 2 * rank > min(self.geometry.d_in, self.geometry.d_out):
-                return None
-            dtype = factors[0][0].dtype
-            a = torch.zeros(len(factors) + 1, rank, self.geometry.d_in, dtype=dtype, device=x.device)
-            b = torch.zeros(len(factors) + 1, self.geometry.d_out, rank, dtype=dtype, device=x.device)
-            for i, (fa, fb, scale) in enumerate(factors, start=1):
-                a[i, : fa.shape[0]] = fa.to(device=x.device, dtype=dtype)
-                b[i, :, : fb.shape[1]] = fb.to(device=x.device, dtype=dtype) * scale
-            cached = (key, a, b, {})
-            self.__dict__["_stack_cache"] = cached
-        slots_on = cached[3]  # the slot tensor on x's device, moved once
-        if slot.device != x.device and id(slot) not in slots_on:
-            slots_on.clear()
-            slots_on[id(slot)] = slot.to(x.device)
-        return cached[1], cached[2], slots_on.get(id(slot), slot)
+            cached = self.__dict__["_stack_cache"] = self._stack(names, x.device, key)
+        if cached[1] is None:
+            return None  # not applicable to these adapters (decided once, not on every call)
+        on_device = slots.get(x.device)
+        if on_device is None:
+            on_device = slots[x.device] = slot.to(x.device)  # moved once per block and device
+        return cached[1], cached[2], on_device
+
+    def _stack(self, names: list[str], device: torch.device, key: tuple) -> tuple:
+        """(key, A stack, B stack) for :meth:`_stacked_factors`, or (key, None, None) when an
+        adapter has no exact LoRA form or the largest rank makes the loop cheaper."""
+        factors = [self.deltas[n].as_lora() for n in names]
+        if any(f is None for f in factors):
+            return key, None, None
+        rank = max(f[0].shape[0] for f in factors)
+        if 2 * rank > min(self.geometry.d_in, self.geometry.d_out):
+            return key, None, None
+        dtype = factors[0][0].dtype
+        a = torch.zeros(len(factors) + 1, rank, self.geometry.d_in, dtype=dtype, device=device)
+        b = torch.zeros(len(factors) + 1, self.geometry.d_out, rank, dtype=dtype, device=device)
+        for i, (fa, fb, scale) in enumerate(factors, start=1):
+            a[i, : fa.shape[0]] = fa.to(device=device, dtype=dtype)
+            b[i, :, : fb.shape[1]] = fb.to(device=device, dtype=dtype) * scale
+        return key, a, b
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={self.merged}"
