@@ -31,3 +31,15 @@ def randomise(model: nn.Module, seed: int = 3, scale: float = 1.0) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.copy_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+@torch.no_grad()
+def assert_merge_round_trip(model: nn.Module, x: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> None:
+    """Merged outputs, then unmerged ones, equal the unmerged outputs before."""
+    import paretune
+
+    ref = model(x)
+    paretune.merge(model)
+    torch.testing.assert_close(model(x), ref, atol=atol, rtol=rtol)
+    paretune.unmerge(model)
+    torch.testing.assert_close(model(x), ref, atol=atol, rtol=rtol)
