@@ -43,3 +43,15 @@ def assert_merge_round_trip(model: nn.Module, x: torch.Tensor, atol: float = 1e-
     torch.testing.assert_close(model(x), ref, atol=atol, rtol=rtol)
     paretune.unmerge(model)
     torch.testing.assert_close(model(x), ref, atol=atol, rtol=rtol)
+
+
+def assert_only_these_get_gradients(model: nn.Module, suffixes: tuple[str, ...]) -> None:
+    """After a backward pass: every adapter tensor ending in ``suffixes`` has a non-zero gradient,
+    no other tensor requires one, and the shared bank (if any) stays frozen."""
+    for n, p in model.named_parameters():
+        if ".deltas." in n:
+            assert n.endswith(suffixes) and p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    for d in deltas(model).values():
+        assert not d.bank.A.requires_grad and d.bank.A.grad is None and d.bank.B.grad is None
