@@ -191,5 +191,10 @@ def test_fused_path_steps_aside_when_the_base_trains_or_has_hooks(make_llama):
     handle = delta.geometry.base.register_forward_hook(lambda m, i, o: None)
     assert delta.fused_forward(x) is None
     handle.remove()
+    base = delta.geometry.base
+    base.forward = lambda inp: torch.nn.functional.linear(inp, base.weight)  # as accelerate's offload hooks do
+    assert delta.fused_forward(x) is None
+    del base.forward
+    assert delta.fused_forward(x) is not None
     delta.geometry.weight.requires_grad_(True)
     assert delta.fused_forward(x) is None

@@ -40,6 +40,15 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in ADAPTER_DTYPES else torch.float32
 
 
+def _intercepted(module: nn.Module) -> bool:
+    """Whether something stands between a call of ``module`` and its plain op: forward hooks
+    (its own or global) or a replaced ``forward`` (accelerate's offloading hooks do that)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
 def _autocast_on() -> bool:
     return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
 
@@ -173,7 +182,7 @@ class LoraDelta(Delta):
         a, up = self.A, self.B
         if not (a.requires_grad or up.requires_grad) or w.requires_grad or (b is not None and b.requires_grad):
             return None
-        if not (x.dtype == w.dtype == a.dtype) or base._forward_hooks or base._forward_pre_hooks or _autocast_on():
+        if not (x.dtype == w.dtype == a.dtype) or _autocast_on() or _intercepted(base):
             return None
         return FusedLoraLinear.apply(x, w, b, a, up, self.scaling)
 
