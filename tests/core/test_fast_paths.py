@@ -198,3 +198,18 @@ def test_fused_path_steps_aside_when_the_base_trains_or_has_hooks(make_llama):
     assert delta.fused_forward(x) is not None
     delta.geometry.weight.requires_grad_(True)
     assert delta.fused_forward(x) is None
+
+
+def test_fast_paths_leave_an_output_a_hook_holds_alone(make_llama, perturb, ids):
+    model = _mixed_adapters(make_llama, perturb)
+    q = model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = q.base.register_forward_hook(lambda m, i, o: seen.append((o, o.clone())))
+    with paretune.per_sample(model, ["a", "b", "c"]):
+        _logits(model, ids)
+    paretune.set_active(model, ["a"])
+    _logits(model, ids)
+    handle.remove()
+    assert len(seen) == 2
+    for held, copy in seen:
+        assert torch.equal(held, copy)  # nobody wrote into the base's output after the hook saw it

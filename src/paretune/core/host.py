@@ -10,16 +10,30 @@ from .delta import Delta
 from .geometry import geometry_for
 
 
+def intercepted(module: nn.Module) -> bool:
+    """Whether something stands between a call of ``module`` and its plain op: forward hooks
+    (its own or global) or a replaced ``forward`` (accelerate's offloading hooks do that); then
+    its output may be held elsewhere, and fast paths neither bypass the call nor write into it."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
 def gathered_low_rank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                      slot: torch.Tensor) -> torch.Tensor:
+                      slot: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """out + B[slot[i]] A[slot[i]] x for every row i at once: the factors of each row's adapter are
     gathered and applied as two batched matmuls (the BGMV idea of Punica / S-LoRA), instead of a
-    loop over adapters. x (rows, ..., d_in), out (rows, ..., d_out)."""
+    loop over adapters. x (rows, ..., d_in), out (rows, ..., d_out). ``inplace``: add into
+    ``out`` itself (it must be a fresh tensor nobody else holds), which saves a copy of it."""
     rows = x.shape[0]
     xs = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)
     h = torch.bmm(xs, a.index_select(0, slot).transpose(1, 2))  # (rows, tokens, R)
-    base = out.reshape(rows, -1, out.shape[-1]).to(a.dtype)
-    return torch.baddbmm(base, h, b.index_select(0, slot).transpose(1, 2)).view(out.shape).to(out.dtype)
+    up = b.index_select(0, slot).transpose(1, 2)
+    base = out.reshape(rows, -1, out.shape[-1])
+    if inplace and base.dtype == a.dtype and base.is_contiguous():
+        return base.baddbmm_(h, up).view(out.shape)
+    return torch.baddbmm(base.to(a.dtype), h, up).view(out.shape).to(out.dtype)
 
 
 class Host(nn.Module):
@@ -113,7 +127,8 @@ class Host(nn.Module):
             out = out + shift  # the original base output for every row
         stacked = self._stacked_factors(x)
         if stacked is not None:
-            return gathered_low_rank(x, out, *stacked)
+            # no gradients on this path; out is the base's fresh output unless a hook may hold it
+            return gathered_low_rank(x, out, *stacked, inplace=not intercepted(self._modules["base"]))
         result = out
         for name, rows in self._plan:
             if name not in self.deltas:

@@ -28,6 +28,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.geometry import Geometry
+from ..core.host import intercepted
 from ..core.registry import register
 
 ADAPTER_DTYPES = (torch.float32, torch.float64)
@@ -38,15 +39,6 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in float32 on half-precision bases (as PEFT's autocast_adapter_dtype) and
     in the base's own precision on float32 / float64 bases; dense deltas are computed in it too."""
     return weight.dtype if weight.dtype in ADAPTER_DTYPES else torch.float32
-
-
-def _intercepted(module: nn.Module) -> bool:
-    """Whether something stands between a call of ``module`` and its plain op: forward hooks
-    (its own or global) or a replaced ``forward`` (accelerate's offloading hooks do that)."""
-    from torch.nn.modules import module as module_mod
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 def _autocast_on() -> bool:
@@ -159,7 +151,8 @@ class LoraDelta(Delta):
                 x = self.drop(x)
             h = F.linear(x, a).reshape(-1, a.shape[0])
             flat = base_out.reshape(-1, b.shape[0])
-            if not (torch.is_grad_enabled() and base_out.requires_grad) and flat.is_contiguous():
+            if not (torch.is_grad_enabled() and base_out.requires_grad) and flat.is_contiguous() \
+                    and not intercepted(self.geometry.base):
                 # inference: add into the base output in place (no new activation-sized tensor)
                 return flat.addmm_(h, b.t(), alpha=self.scaling).view(base_out.shape)
             return torch.addmm(flat, h, b.t(), alpha=self.scaling).view(base_out.shape)
@@ -182,7 +175,7 @@ class LoraDelta(Delta):
         a, up = self.A, self.B
         if not (a.requires_grad or up.requires_grad) or w.requires_grad or (b is not None and b.requires_grad):
             return None
-        if not (x.dtype == w.dtype == a.dtype) or _autocast_on() or _intercepted(base):
+        if not (x.dtype == w.dtype == a.dtype) or _autocast_on() or intercepted(base):
             return None
         return FusedLoraLinear.apply(x, w, b, a, up, self.scaling)
 
