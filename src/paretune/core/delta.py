@@ -91,9 +91,9 @@ class Delta(nn.Module):
         """The tensors :func:`paretune.save` writes. Default: every parameter of the delta."""
         return {n: p.detach() for n, p in self.named_parameters()}
 
-    @torch.no_grad()
-    def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
-        """Copy tensors saved by :meth:`stored_state` back in (strict: names and shapes)."""
+    def check_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        """Raise :class:`AdapterFileError` unless ``state`` has exactly the names and shapes of
+        :meth:`stored_state` (what :meth:`load_stored` needs)."""
         own = self.stored_state()
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
@@ -103,15 +103,21 @@ class Delta(nn.Module):
                 f"missing {missing or 'none'}, unexpected {extra or 'none'}. "
                 "Was the file written by another method or version?"
             )
+        for name, value in state.items():
+            if tuple(own[name].shape) != tuple(value.shape):
+                raise AdapterFileError(
+                    f"{where}.{name}: saved shape {tuple(value.shape)} != expected {tuple(own[name].shape)}; "
+                    "the adapter was made with other options or another base model."
+                )
+
+    @torch.no_grad()
+    def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        """Copy tensors saved by :meth:`stored_state` back in (strict: names and shapes)."""
+        self.check_stored(state, where)
         params = dict(self.named_parameters())
         params.update(dict(self.named_buffers()))
         for name, value in state.items():
             target = params[name]
-            if tuple(target.shape) != tuple(value.shape):
-                raise AdapterFileError(
-                    f"{where}.{name}: saved shape {tuple(value.shape)} != expected {tuple(target.shape)}; "
-                    "the adapter was made with other options or another base model."
-                )
             target.copy_(value.to(target.dtype))
 
     def unshift(self, x: torch.Tensor) -> torch.Tensor:

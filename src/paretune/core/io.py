@@ -218,10 +218,7 @@ def hot_swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -
     per_module = _split_by_module(tensors, rec.targets, path)
     hosts = {m: model.get_submodule(m) for m in rec.targets}
     for module_name, host in hosts.items():  # check everything before changing anything
-        own = host.deltas[name].stored_state()
-        state = per_module[module_name]
-        if set(own) != set(state) or any(tuple(own[k].shape) != tuple(state[k].shape) for k in own):
-            raise AdapterFileError(f"{path}: the tensors of {module_name} do not match adapter {name!r}'s slots.")
+        host.deltas[name].check_stored(per_module[module_name], where=module_name)
     for module_name, host in hosts.items():
         host.deltas[name].load_stored(per_module[module_name], where=module_name)
     return model

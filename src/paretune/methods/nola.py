@@ -164,8 +164,7 @@ class NolaDelta(Delta):
         self.scaling = c.alpha / c.r if self.zero_init else 1.0 / c.r
         self.seed_a = layer_seed(c.seed, self.layer, "A")
         self.seed_b = layer_seed(c.seed, self.layer, "B")
-        kind = "uniform" if self.zero_init else "kaiming"
-        self._kinds = (kind, kind)
+        self._kind = kind = "uniform" if self.zero_init else "kaiming"
         # U(−1,1)/√k as in the reference LLM code; the ViT code's kaiming bases are used as drawn
         self._scales = (1 / math.sqrt(c.k), 1 / math.sqrt(c.n_b)) if self.zero_init else (1.0, 1.0)
         if self.zero_init:
@@ -195,8 +194,8 @@ class NolaDelta(Delta):
             a = torch.einsum("k,kij->ij", self.alpha_c, self.bases_a)
             b = torch.einsum("k,kij->ij", self.beta_c, self.bases_b)
         else:
-            a = combine(self.alpha_c, self.seed_a, (r, self.d_in), self._kinds[0], self._scales[0])
-            b = combine(self.beta_c, self.seed_b, (self.d_out, r), self._kinds[1], self._scales[1])
+            a = combine(self.alpha_c, self.seed_a, (r, self.d_in), self._kind, self._scales[0])
+            b = combine(self.beta_c, self.seed_b, (self.d_out, r), self._kind, self._scales[1])
         if self.A0 is not None:
             a = a + self.A0
         if not torch.is_grad_enabled():
