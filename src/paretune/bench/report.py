@@ -195,13 +195,12 @@ BASELINE_COLORS = {"head": "white", "full": "black"}  # outside tab10, so no met
 
 def method_styles(methods: Sequence[str]) -> dict[str, tuple[Any, str]]:
     """(colour, marker) per method, every pair distinct: tab10's ten colours, then the next
-    marker shape for the next ten methods (baselines keep their own markers)."""
+    marker shape for the next ten methods (the plot gives baselines their own)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
     names = sorted(set(methods))
-    return {m: (cmap(i % 10), BASELINE_MARKERS.get(m, METHOD_MARKERS[(i // 10) % len(METHOD_MARKERS)]))
-            for i, m in enumerate(names)}
+    return {m: (cmap(i % 10), METHOD_MARKERS[(i // 10) % len(METHOD_MARKERS)]) for i, m in enumerate(names)}
 
 
 def plot_png(s: Summary) -> bytes:

@@ -19,8 +19,9 @@ shows only the frozen A, the r×r core and B. Choices made here, where neither p
   :func:`paretune.train`).
 * LaMDA++ (``rank_allocation="energy"``): each layer's rank is set from its normalised spectrum
   energy e = Σᵢ≤r σᵢ² / Σᵢ σᵢ² (the share of W₀'s energy in the top-r directions): the
-  adapter's total rank r × (number of layers) is split in proportion to e (largest
-  remainders, at least 1 per layer), so layers whose weight concentrates in few directions get
+  adapter's total rank r × (number of layers) is split in proportion to e (rounded down, at
+  least 1 and at most min(d_out, d_in) per layer, the rest handed out to the layers furthest below
+  their share), so layers whose weight concentrates in few directions get
   more rank.
 
 Trainable per layer: r·d_out + r² (B until tᵢ, S throughout; r² after tᵢ). Saved: S and B; A is
@@ -64,7 +65,8 @@ def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def energy_ranks(spectra: list[torch.Tensor], r: int, caps: list[int]) -> list[int]:
     """LaMDA++ allocation: r × len(spectra) ranks split in proportion to each layer's share of
-    energy in its top-r singular values (largest remainders; each rank in [1, its cap])."""
+    energy in its top-r singular values (rounded down, then the rest to the layers furthest below
+    their share; each rank in [1, its cap])."""
     scores = []
     for s in spectra:
         e = s.double() ** 2
