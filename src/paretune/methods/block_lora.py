@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.delta import Delta
 from ..core.geometry import Geometry
 from ..core.registry import register
 from ..errors import ConfigError
-from ..core.delta import Delta
 from .lora import LowRankConfig, adapter_dtype
 
 

@@ -99,9 +99,18 @@ class HydraDelta(Delta):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        dtype = self.parallel.down.weight.dtype
-        x = x.to(dtype)
-        frozen = self._frozen_output(x)
+        x = x.to(self.parallel.down.weight.dtype)
+        return self._branches(x, self._frozen_output(x), base_out)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """When Hydra is the only delta to run, the host's base output is W₀x + b₀ itself: run
+        the base once and feed its output to the sequential branch (no second W₀ product)."""
+        base_out = self.geometry.base(x)
+        return self._branches(x.to(self.parallel.down.weight.dtype), base_out, base_out)
+
+    def _branches(self, x: torch.Tensor, frozen: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """base_out + s·P(x) + s·S(frozen), frozen = W₀x + b₀."""
+        frozen = frozen.to(x.dtype)
         if self.drop is not None:
             x, frozen = self.drop(x), self.drop(frozen)
         extra = self.parallel(x) + self.sequential(frozen)
