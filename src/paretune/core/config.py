@@ -13,10 +13,13 @@ from ..errors import ConfigError
 class AdapterConfig:
     """Base of every method's options. Subclasses add fields and override :meth:`validate`.
 
-    ``method`` is filled in by the registry; it is not a user option.
+    ``method`` is filled in by the registry; it is not a user option. ``INIT_ONLY`` names the
+    options that only change how the adapter is initialised (not its shapes or its scaling):
+    ``paretune.hot_swap`` accepts a saved adapter whose values differ in those.
     """
 
     method: ClassVar[str] = ""
+    INIT_ONLY: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -36,6 +39,21 @@ class AdapterConfig:
     def _non_negative(self, option: str) -> None:
         v = getattr(self, option)
         self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, option, v, "it must be a number >= 0")
+
+    def _probability(self, option: str) -> None:
+        """A dropout-like rate in [0, 1)."""
+        v = getattr(self, option)
+        self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, option, v,
+                      "it must be in [0, 1)")
+
+    def _seed(self, option: str = "seed") -> None:
+        v = getattr(self, option)
+        self._require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, option, v,
+                      "it must be an integer >= 0")
+
+    def _flag(self, option: str) -> None:
+        v = getattr(self, option)
+        self._require(isinstance(v, bool), option, v, "it must be True or False")
 
     def _one_of(self, option: str, choices: tuple) -> None:
         v = getattr(self, option)

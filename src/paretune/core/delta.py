@@ -13,27 +13,47 @@ from .geometry import Geometry
 
 
 class Delta(nn.Module):
-    """One adapter on one base module.
+    """One adapter on one base module: the contract every method implements.
 
-    A method subclasses this, registers it with :func:`paretune.core.registry.register`, and
-    implements:
+    A method subclasses this (or :class:`paretune.core.lowrank.LowRankDelta` for ΔW = s·B·A),
+    pairs it with an :class:`~paretune.core.config.AdapterConfig` dataclass and registers both
+    with :func:`paretune.core.registry.register`. docs/adding-a-method.md walks through one.
 
-    * ``__init__(geometry, config)``: build parameters and initialise them as the paper says.
-      A method that shares frozen tensors across layers (random bases) or derives per-layer
-      randomness also accepts ``bank`` and ``layer``: ``bank`` is what its :meth:`make_bank`
-      built once for all the adapter's layers (an ``nn.Module`` of non-persistent buffers,
-      registered in every delta of the adapter, so it moves with the model once and is never
-      saved), ``layer`` the index of this module among the adapter's targets;
-    * :meth:`forward` ``(x, base_out)``: the adapted output (the fast path);
-    * :meth:`delta_weight`: the dense ΔW in (d_out, d_in) matrix layout, or None if the
-      method is not a weight delta (then it cannot be merged);
+    Required:
+
+    * ``__init__(geometry, config, *, bank=None, layer=0)``: build the parameters and initialise
+      them as the paper says; pass ``bank`` and ``layer`` on to ``super().__init__``. ``bank`` is
+      what :meth:`make_bank` built once for all the adapter's layers (None if it builds nothing),
+      ``layer`` the index of this module among the adapter's targets;
+    * :meth:`forward` ``(x, base_out)``: the adapted output (LowRankDelta provides it);
     * :meth:`trainable_formula`: the paper's trainable-parameter count for one layer;
-    * optionally :meth:`stored_state` (what is saved; default: every parameter) and
-      :meth:`restore_base` (undo a change the init made to the base weight, e.g. PiSSA).
+    * :meth:`delta_weight`: the dense ΔW, if the class is ``mergeable`` (the default; a
+      mergeable class without it is refused at registration). LowRankDelta provides it.
+
+    Optional, each with a default here:
+
+    * :meth:`make_bank` (classmethod): frozen tensors shared by all layers of the adapter (default
+      none);
+    * :meth:`stored_state`: what ``save`` writes (default: every parameter);
+    * :meth:`as_lora`: ``(A, B, scaling)`` for an exact LoRA form (PEFT export, the gathered
+      per-sample path; default None);
+    * :meth:`fused_forward` ``(x)``: base op and delta as one fused autograd node, when this is the
+      only delta to run (default None: not offered);
+    * :meth:`alone_forward` ``(x, base_out)``: the output when this is the only delta to run, so
+      ``base_out`` is exactly the frozen base's W₀x + b₀ (default :meth:`forward`; Hydra reuses
+      it for its sequential branch);
+    * :meth:`delta_bias`: the change of the bias on merge (default None);
+    * :meth:`on_step` ``(step, total)``: called by the trainer after each optimizer step (default
+      nothing; LaMDA freezes B by it);
+    * with ``shifts_base = True``: :meth:`unshift` and :meth:`restore_base`, for a delta whose
+      construction changes the base weight (PiSSA keeps the residual there);
+    * with ``depends_on_base = True``: :meth:`merged_deltas`, for a ΔW that is a function of W.
+
+    Flags: ``mergeable``, ``shifts_base``, ``depends_on_base`` (class attributes).
     """
 
     method: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True  # has a weight delta (delta_weight), so merge applies
     shifts_base: ClassVar[bool] = False  # True if __init__ changed the base weight (see unshift)
     depends_on_base: ClassVar[bool] = False  # True if ΔW is a function of W itself (Hydra's W_s·W₀)
 
@@ -42,8 +62,7 @@ class Delta(nn.Module):
         super().__init__()
         self.config = config
         self.layer = layer
-        if bank is not None:
-            self.bank = bank  # the same module in every delta of this adapter (shared, not copied)
+        self.bank = bank  # the same module in every delta of this adapter (shared, not copied)
         self.kind = geometry.kind
         self.d_out = geometry.d_out
         self.d_in = geometry.d_in
@@ -62,16 +81,26 @@ class Delta(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, base_out)")
 
     def delta_weight(self) -> torch.Tensor | None:
-        """Dense ΔW, (d_out, d_in) in float32 precision of the parameters; None if not mergeable."""
+        """Dense ΔW, (d_out, d_in), in the adapter's precision (float32 or float64). Required for a
+        ``mergeable`` class; the base class has none."""
         return None
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Optional: the host's whole output (base op and this delta) in one fused computation,
-        used when this is the only delta to run; None (the default) when it does not apply."""
+        """The host's whole output (base op and this delta) as one fused autograd node, used when
+        this is the only delta to run; None (the default) when not offered or not applicable."""
         return None
+
+    def alone_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapted output when this is the only delta to run on a base that no other delta
+        shifted, so ``base_out`` is exactly the frozen base's output (default: :meth:`forward`)."""
+        return self.forward(x, base_out)
+
+    def on_step(self, step: int, total: int) -> None:
+        """Called by the trainer after optimizer step ``step`` of ``total`` (and once with the
+        starting step when a run resumes), for schedules over training. Default: nothing."""
 
     def delta_bias(self) -> torch.Tensor | None:
         """Change of the base bias when merged (most methods: none)."""

@@ -1,10 +1,13 @@
-"""The method registry: ``@register("name", config=Cfg)`` on a Delta class makes a method."""
+"""The method registry: ``@register("name", config=Cfg, ...)`` on a Delta class makes a method.
+
+The registry knows only what it is given: the built-in methods register themselves when
+``paretune.methods`` is imported (``import paretune`` does that), a plug-in's when its module is.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ConfigError
@@ -12,6 +15,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .config import AdapterConfig
     from .delta import Delta
+
+ALL_KINDS = ("linear", "conv1d", "embedding", "conv2d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,42 +29,47 @@ class MethodSpec:
     summary: str  # one line: what the method is, with its paper
     formula: str  # trainable parameters of one adapted (d_out x d_in) layer, as text
     kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d
-    budget_option: str | None = None  # the integer option that sets its size (default: r if it has one)
-    budget_max: int | None = None  # largest value of that option worth trying (default: min(d_out, d_in))
-    default_lr: float | None = None  # the bench's learning rate for it (default: the bench's adapter rate)
 
 
 _METHODS: dict[str, MethodSpec] = {}
 
 
 def register(
-    name: str, *, config: type["AdapterConfig"], summary: str, formula: str,
-    kinds: tuple[str, ...] = ("linear", "conv1d", "embedding", "conv2d"),
-    budget_option: str | None = None, budget_max: int | None = None, default_lr: float | None = None,
+    name: str, *, config: type["AdapterConfig"], summary: str, formula: str, kinds: tuple[str, ...] = ALL_KINDS,
 ) -> Callable[[type["Delta"]], type["Delta"]]:
-    """Class decorator registering a Delta class and its config dataclass under ``name``."""
+    """Class decorator registering a Delta class and its config dataclass under ``name``.
+
+    Refused with a clear error: a name taken by another class, an unknown host kind, and a class
+    declared ``mergeable`` (the default) that does not implement ``delta_weight``."""
+    from .delta import Delta
 
     def deco(cls: type["Delta"]) -> type["Delta"]:
         if name in _METHODS and _METHODS[name].delta_cls is not cls:
-            raise ValueError(f"method {name!r} is registered twice")
+            raise ConfigError(f"method {name!r} is registered twice; pick another name or unregister the first.")
+        unknown = [k for k in kinds if k not in ALL_KINDS]
+        if unknown:
+            raise ConfigError(f"method {name!r}: unknown host kinds {unknown}; choose from {', '.join(ALL_KINDS)}.")
+        if cls.mergeable and cls.delta_weight is Delta.delta_weight:
+            raise ConfigError(
+                f"method {name!r}: {cls.__name__} is mergeable (the default) but does not implement delta_weight(); "
+                "implement it, or set mergeable = False on the class for an input-dependent delta."
+            )
         config.method = name
         cls.method = name
-        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, kinds, budget_option, budget_max,
-                                    default_lr)
+        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, tuple(kinds))
         return cls
 
     return deco
 
 
-def _load_builtin_methods() -> None:
-    # importing the package registers every built-in method; import_module (not ``from ..
-    # import methods``) because ``paretune.methods`` is also the public function listing them
-    importlib.import_module("paretune.methods")
+def unregister(name: str) -> None:
+    """Remove method ``name`` from the registry (for plug-in tests that register a method for a while)."""
+    get(name)
+    del _METHODS[name.lower()]
 
 
 def get(name: str) -> MethodSpec:
     """The spec of method ``name``; an unknown name is an error listing the known ones."""
-    _load_builtin_methods()
     key = name.lower() if isinstance(name, str) else name
     if key not in _METHODS:
         close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
@@ -70,5 +80,4 @@ def get(name: str) -> MethodSpec:
 
 def all_methods() -> dict[str, MethodSpec]:
     """Every registered method, by name, sorted."""
-    _load_builtin_methods()
     return dict(sorted(_METHODS.items()))
