@@ -12,8 +12,8 @@ from . import methods as _methods_package  # noqa: E402,F401  (registers the bui
 # the function ``methods`` below then takes the name ``paretune.methods``)
 from .api import active, adapt, adapters, merge, per_sample, remove, set_active, unload, unmerge  # noqa: E402
 from .core.accounting import count  # noqa: E402
-from .core.io import hot_swap, load, save  # noqa: E402
-from .core.peft_io import export_peft, import_peft  # noqa: E402
+from .io import hot_swap, load, save  # noqa: E402
+from .peft_io import export_peft, import_peft  # noqa: E402
 from .core.registry import all_methods  # noqa: E402
 from .errors import AdapterFileError, ConfigError, ParetuneError, TargetError  # noqa: E402
 

@@ -1,10 +1,9 @@
 """The public operations on an adapted model: adapt, set_active, merge, unmerge, unload,
-per_sample (paretune.save/load and PEFT interop live in core/io.py and core/peft_io.py)."""
+per_sample (paretune.save/load and PEFT interop live in io.py and peft_io.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Iterator, Sequence
 
 import torch
@@ -13,7 +12,8 @@ from torch import nn
 from .core import registry
 from .core.host import Host
 from .core.inject import Targets, hosts, match_targets, unwrap, wrap
-from .core.state import AdapterRecord, drop_state, has_state, record_of, state_of
+from .core.serving import SamplePlan
+from .core.state import AdapterInfo, AdapterRecord, drop_state, has_state, record_of, state_of
 from .errors import ParetuneError
 
 
@@ -51,12 +51,10 @@ def adapt(
         p.requires_grad_(False)
     built: list[tuple[Host, nn.Module]] = []
     try:
-        targets_hosts = [wrap(model, module_name) for module_name in names]
+        targets_hosts = [wrap(model, module_name, st) for module_name in names]
         bank = spec.delta_cls.make_bank([h.geometry for h in targets_hosts], config)
-        context = _accepts_context(spec.delta_cls)
         for layer, host in enumerate(targets_hosts):
-            extra = {"bank": bank, "layer": layer} if context else {}
-            delta = spec.delta_cls(host.geometry, config, **extra)
+            delta = spec.delta_cls(host.geometry, config, bank=bank, layer=layer)
             built.append((host, delta))
             host.add(name, delta)
     except Exception:
@@ -70,31 +68,29 @@ def adapt(
             drop_state(model)
         raise
     st.adapters[name] = AdapterRecord(name, spec.name, config, names)
-    _set_active(model, st.active + [name])
+    st.set_active([*st.active, name])
+    _reroute(model)
     return model
 
 
-def _accepts_context(cls: type) -> bool:
-    """Whether a Delta class's constructor takes ``bank`` and ``layer`` (simple methods need not)."""
-    params = inspect.signature(cls.__init__).parameters
-    return "layer" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+def _reroute(model: nn.Module) -> None:
+    """Work out every host's routing now, after a change of the active or merged set, so that the
+    forward pass only reads it (a compiled model then sees no attribute change between calls)."""
+    for _, host in hosts(model):
+        host.route()
 
 
-def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
-    """The model's adapters by name (method, config, targets, merged); {} for a plain model."""
-    return dict(state_of(model).adapters) if has_state(model) else {}
+def adapters(model: nn.Module) -> dict[str, AdapterInfo]:
+    """The model's adapters by name (method, config, targets, active, merged); {} for a plain model."""
+    if not has_state(model):
+        return {}
+    st = state_of(model)
+    return {n: st.info(n) for n in st.adapters}
 
 
 def active(model: nn.Module) -> list[str]:
     """Names of the active adapters ([] for a plain model)."""
     return list(state_of(model).active) if has_state(model) else []
-
-
-def _set_active(model: nn.Module, names: list[str]) -> None:
-    st = state_of(model)
-    st.active = list(names)
-    for _, host in hosts(model):
-        host.active = tuple(n for n in names if n in host.deltas)
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
@@ -104,13 +100,14 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     st = state_of(model)
     for n in names:
         record_of(model, n)
-    off_but_merged = [n for n, r in st.adapters.items() if r.merged and n not in names]
+    off_but_merged = [n for n in st.merged if n not in names]
     if off_but_merged:
         raise ParetuneError(
             f"adapters {off_but_merged} are merged into the base weights and cannot be switched off; "
             "paretune.unmerge(model, name) them first."
         )
-    _set_active(model, names)
+    st.set_active(names)
+    _reroute(model)
     return model
 
 
@@ -122,46 +119,41 @@ def _hosts_of(model: nn.Module, name: str) -> list[Host]:
 def merge(model: nn.Module, name: str = "default") -> nn.Module:
     """Fold adapter ``name`` into the base weights (W += ΔW, b += Δb). Outputs stay the same
     while the adapter is active; the forward pass then costs what the base costs."""
-    rec = record_of(model, name)
-    if rec.merged:
+    record_of(model, name)
+    st = state_of(model)
+    if st.is_merged(name):
         raise ParetuneError(f"adapter {name!r} is already merged.")
-    spec = registry.get(rec.method)
+    spec = registry.get(st.adapters[name].method)
     if not spec.delta_cls.mergeable:
-        raise ParetuneError(f"{rec.method} is input-dependent and has no weight delta; it cannot be merged.")
-    if name not in state_of(model).active:
+        raise ParetuneError(f"{spec.name} is input-dependent and has no weight delta; it cannot be merged.")
+    if name not in st.active:
         raise ParetuneError(f"adapter {name!r} is not active; set_active it before merging (merged means on).")
     for host in _hosts_of(model, name):
-        delta = host.deltas[name]
-        host.geometry.add_to_weight(delta.delta_weight())
-        db = delta.delta_bias()
-        if db is not None:
-            host.add_to_bias(db, 1.0)
-        host.merged.append(name)
-    rec.merged = True
+        host.merge(name)
+    st.set_merged(name, True)
+    _reroute(model)
     return model
 
 
 @torch.no_grad()
 def unmerge(model: nn.Module, name: str = "default") -> nn.Module:
     """Take a merged adapter back out of the base weights (W -= ΔW)."""
-    rec = record_of(model, name)
-    if not rec.merged:
+    record_of(model, name)
+    st = state_of(model)
+    if not st.is_merged(name):
         raise ParetuneError(f"adapter {name!r} is not merged.")
     for host in _hosts_of(model, name):
-        later = host.merged[host.merged.index(name) + 1:]
+        merged = host.merged
+        later = list(merged[merged.index(name) + 1:])
         if later and any(host.deltas[n].depends_on_base for n in [name, *later]):
             raise ParetuneError(
                 f"adapter {name!r} was merged before {later}, and one of them changes W as a function of W "
                 f"(e.g. Hydra); unmerge {later[::-1]} first (last merged, first out)."
             )
     for host in _hosts_of(model, name):
-        delta = host.deltas[name]
-        dw, db = delta.merged_deltas()
-        host.geometry.add_to_weight(dw, sign=-1.0)
-        host.merged.remove(name)
-        if db is not None:
-            host.add_to_bias(db, -1.0)
-    rec.merged = False
+        host.unmerge(name, last=host.merged == (name,))
+    st.set_merged(name, False)
+    _reroute(model)
     return model
 
 
@@ -171,8 +163,9 @@ def unload(model: nn.Module) -> nn.Module:
     unmerged ones are dropped (and a base changed at init, as by PiSSA, is restored)."""
     st = state_of(model)
     for module_name, host in list(hosts(model)):
+        merged = host.merged
         for n, delta in reversed(list(host.deltas.items())):
-            if n not in host.merged:
+            if n not in merged:
                 delta.restore_base()
         unwrap(model, module_name)
     drop_state(model)
@@ -184,10 +177,10 @@ def unload(model: nn.Module) -> nn.Module:
 def remove(model: nn.Module, name: str) -> nn.Module:
     """Delete adapter ``name`` (unmerged: a base changed at init is restored; merged: it is
     taken out of the weights first). Hosts left with no adapter are unwrapped."""
-    rec = record_of(model, name)
-    if rec.merged:
-        unmerge(model, name)
+    record_of(model, name)
     st = state_of(model)
+    if st.is_merged(name):
+        unmerge(model, name)
     for module_name, host in list(hosts(model)):
         if name in host.deltas:
             host.deltas[name].restore_base()
@@ -195,7 +188,8 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             if len(host.deltas) == 0:
                 unwrap(model, module_name)
     del st.adapters[name]
-    _set_active(model, [n for n in st.active if n != name])
+    st.set_active([n for n in st.active if n != name])
+    _reroute(model)
     if not st.adapters:
         drop_state(model)
     return model
@@ -215,7 +209,7 @@ def per_sample(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iter
         raise ParetuneError("per_sample needs one adapter name (or None) per batch row; got an empty list.")
     for n in set(names) - {None}:
         record_of(model, n)
-    merged = [n for n, r in st.adapters.items() if r.merged]
+    merged = list(st.merged)
     if merged:
         raise ParetuneError(f"per_sample needs unmerged adapters; unmerge {merged} first.")
     groups: dict[str | None, list[int]] = {}
@@ -224,9 +218,9 @@ def per_sample(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iter
     plan = [(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items() if n is not None]
     all_hosts = [h for _, h in hosts(model)]
     for h in all_hosts:
-        h.set_plan(plan, len(names))
+        h.plan = SamplePlan(h, plan, len(names))
     try:
         yield model
     finally:
         for h in all_hosts:
-            h.set_plan(None, 0)
+            h.plan = None

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import paretune
-from paretune.core import io as pio
+from paretune import io as pio
 from paretune.errors import AdapterFileError, ParetuneError
 
 

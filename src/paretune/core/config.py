@@ -68,6 +68,14 @@ class AdapterConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """Options of a config read from a saved adapter, brought to this version's meaning
+        (``paretune.load`` calls it before building the adapter). Default: unchanged. A method
+        whose defaults or random draws changed overrides it, so that files saved before the
+        change still load as they were trained."""
+        return saved
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         """Build from user options, rejecting unknown ones with the closest valid name."""
         known = cls.options()

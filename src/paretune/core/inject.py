@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import TargetError
 from .geometry import geometry_for
 from .host import Host
+from .state import ModelState
 
 Targets = Union[str, Sequence[str], None]
 LINEAR_KINDS = ("linear", "conv1d")
@@ -137,22 +138,19 @@ def match_targets(model: nn.Module, targets: Targets, kinds: Sequence[str], meth
     return chosen
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def wrap(model: nn.Module, name: str) -> Host:
-    """The host at ``name``, wrapping the module there first if it is not one yet."""
+def wrap(model: nn.Module, name: str, state: ModelState) -> Host:
+    """The host at ``name``, wrapping the module there first if it is not one yet (a new host
+    reads the active and merged sets from ``state``, the model's)."""
     module = model.get_submodule(name)
     if isinstance(module, Host):
         return module
-    host = Host(module)
+    host = Host(module, state)
     _set_module(model, name, host)
     return host
 

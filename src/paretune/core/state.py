@@ -1,4 +1,5 @@
-"""What paretune remembers on a model: its adapters (method, config, targets) and the active set."""
+"""What paretune remembers on a model: its adapters (method, config, targets), which are active
+and which are merged. This is the one place that state lives; hosts read it from here."""
 
 from __future__ import annotations
 
@@ -14,17 +15,51 @@ ATTR = "_paretune"
 
 @dataclasses.dataclass
 class AdapterRecord:
+    """One adapter as added: its method, options and adapted module names (in model order)."""
+
     name: str
     method: str
     config: AdapterConfig
-    targets: list[str]  # module names, in model order
-    merged: bool = False
+    targets: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """A snapshot of one adapter for users (:func:`paretune.adapters`)."""
+
+    name: str
+    method: str
+    config: AdapterConfig
+    targets: list[str]
+    active: bool
+    merged: bool
 
 
 @dataclasses.dataclass
 class ModelState:
+    """The adapters of one model, the active ones (in order) and the merged ones (in merge order).
+    ``version`` changes with every change of the active or merged set, so hosts can cache their
+    routing on it."""
+
     adapters: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
-    active: list[str] = dataclasses.field(default_factory=list)
+    active: tuple[str, ...] = ()
+    merged: tuple[str, ...] = ()
+    version: int = 0
+
+    def set_active(self, names: list[str] | tuple[str, ...]) -> None:
+        self.active = tuple(names)
+        self.version += 1
+
+    def set_merged(self, name: str, merged: bool) -> None:
+        self.merged = tuple(n for n in self.merged if n != name) + ((name,) if merged else ())
+        self.version += 1
+
+    def is_merged(self, name: str) -> bool:
+        return name in self.merged
+
+    def info(self, name: str) -> AdapterInfo:
+        r = self.adapters[name]
+        return AdapterInfo(r.name, r.method, r.config, list(r.targets), name in self.active, name in self.merged)
 
 
 def state_of(model: nn.Module, create: bool = False) -> ModelState:

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import Delta
+from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
+from ..core.lowrank import LowRankDelta
 from ..core.registry import register
 from ..errors import ConfigError
-from .lora import LowRankConfig, adapter_dtype
+from .lora import LowRankConfig
 
 
 @dataclasses.dataclass
@@ -49,7 +50,10 @@ class BlockLoraConfig(LowRankConfig):
     formula="r·(⌈d_in/blocks⌉ + d_out)",
     kinds=("linear", "conv1d"),
 )
-class BlockLoraDelta(Delta):
+class BlockLoraDelta(LowRankDelta):
+    """A low-rank delta whose forward applies the shared block to the summed chunks (cheaper than
+    the full A it stands for, which :meth:`factors` gives for merging and export)."""
+
     def __init__(self, geometry: Geometry, config: BlockLoraConfig, **context):
         super().__init__(geometry, config, **context)
         if config.blocks > self.d_in:
@@ -80,11 +84,8 @@ class BlockLoraDelta(Delta):
         """The (r, d_in) down projection the shared block stands for."""
         return self.A.repeat(1, self.config.blocks)[:, : self.d_in]
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.B @ self.full_A())
-
-    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.full_A().detach(), self.B.detach(), self.scaling
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.full_A(), self.B
 
     @classmethod
     def trainable_formula(cls, d_out: int, d_in: int, config: BlockLoraConfig) -> int:

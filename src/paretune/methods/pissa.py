@@ -22,10 +22,11 @@ import dataclasses
 
 import torch
 
+from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
 from ..errors import ConfigError
-from .lora import LoraDelta, LowRankConfig, adapter_dtype
+from .lora import LoraDelta, LowRankConfig
 
 
 @dataclasses.dataclass

@@ -28,11 +28,12 @@ import math
 import torch
 from torch import nn
 
+from ..core.bank import Bank
 from ..core.config import AdapterConfig
-from ..core.delta import Delta
+from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
+from ..core.lowrank import LowRankDelta
 from ..core.registry import register
-from .lora import adapter_dtype
 
 
 @dataclasses.dataclass
@@ -46,25 +47,14 @@ class VeraConfig(AdapterConfig):
         self._positive_int("r")
         self._require(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool)
                       and math.isfinite(self.d_initial), "d_initial", self.d_initial, "it must be a finite number")
-        self._require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout,
-                      "it must be in [0, 1)")
-        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-                      "seed", self.seed, "it must be an integer >= 0")
+        self._probability("dropout")
+        self._seed("seed")
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """float32 uniform on ±√3·√2/√fan_in (fan_in = shape[1]), drawn from ``generator``."""
     bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-
-
-class VeraBank(nn.Module):
-    """The shared frozen A (r, max d_in) and B (max d_out, r), as non-persistent buffers."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        super().__init__()
-        self.register_buffer("A", a, persistent=False)
-        self.register_buffer("B", b, persistent=False)
 
 
 @register(
@@ -74,11 +64,11 @@ class VeraBank(nn.Module):
             "layers (regenerated from a seed); only the vectors d and b train",
     formula="r + d_out",
     kinds=("linear", "conv1d"),
-    # the paper tunes VeRA's vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE)
-    default_lr=1e-2,
 )
-class VeraDelta(Delta):
-    def __init__(self, geometry: Geometry, config: VeraConfig, *, bank: VeraBank | None = None, layer: int = 0):
+class VeraDelta(LowRankDelta):
+    """VeRA as a low-rank delta: A' = diag(d)·A, B' = diag(b)·B, scaling 1."""
+
+    def __init__(self, geometry: Geometry, config: VeraConfig, *, bank: Bank | None = None, layer: int = 0):
         if bank is None:  # built alone (not through adapt): a bank for this layer only
             bank = self.make_bank([geometry], config)
         super().__init__(geometry, config, bank=bank, layer=layer)
@@ -89,7 +79,7 @@ class VeraDelta(Delta):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     @classmethod
-    def make_bank(cls, geometries: list[Geometry], config: VeraConfig) -> VeraBank:
+    def make_bank(cls, geometries: list[Geometry], config: VeraConfig) -> Bank:
         d_in = max(g.d_in for g in geometries)
         d_out = max(g.d_out for g in geometries)
         gen = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -97,30 +87,16 @@ class VeraDelta(Delta):
         b = kaiming_uniform((d_out, config.r), gen)
         w = geometries[0].weight
         dtype = adapter_dtype(w)
-        return VeraBank(a.to(w.device, dtype), b.to(w.device, dtype))
+        return Bank(A=a.to(w.device, dtype), B=b.to(w.device, dtype))
 
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices of the shared bank: A (r, d_in), B (d_out, r)."""
         return self.bank.A[:, : self.d_in], self.bank.B[: self.d_out, :]
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.bases()
-        x = x.to(self.lambda_d.dtype)
-        if self.drop is not None:
-            x = self.drop(x)
-        h = g.project_in(x, a.to(x.dtype)) * self.lambda_d
-        out = g.project_out(h, b.to(x.dtype)) * self.lambda_b  # linear / conv1d: channels last
-        return base_out + out.to(base_out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        dtype = adapter_dtype(self.lambda_d)
-        a, b = (t.to(dtype) for t in self.bases())
-        return (self.lambda_b.to(dtype)[:, None] * b) @ (self.lambda_d.to(dtype)[:, None] * a)
-
-    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        a, b = self.bases()
-        return (self.lambda_d[:, None] * a).detach(), (self.lambda_b[:, None] * b).detach(), 1.0
+        dtype = self.lambda_d.dtype
+        return self.lambda_d[:, None] * a.to(dtype), self.lambda_b[:, None] * b.to(dtype)
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {"lambda_b": self.lambda_b.detach(), "lambda_d": self.lambda_d.detach()}

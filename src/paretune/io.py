@@ -19,12 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
-from ..errors import AdapterFileError, ParetuneError
-from . import registry
-from .atomic import atomic_dir
-from .inject import kind_of
-from .state import record_of
+from . import __version__
+from .errors import AdapterFileError, ParetuneError
+from .api import adapt, remove
+from .core import registry
+from .core.atomic import atomic_dir
+from .core.host import Host
+from .core.inject import kind_of
+from .core.jsonfile import read_json
+from .core.state import record_of, state_of
 
 CONFIG_FILE = "paretune.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -58,7 +61,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     The folder holds ``paretune.json`` and ``adapter.safetensors`` (only what the method
     stores: e.g. no frozen random bases, which are regenerated from a seed)."""
     rec = record_of(model, name)
-    if rec.merged:
+    if state_of(model).is_merged(name):
         raise ParetuneError(
             f"adapter {name!r} is merged into the base weights; unmerge it before saving, or save the merged model "
             "with model.save_pretrained."
@@ -93,10 +96,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg.is_file():
         hint = " It looks like a PEFT adapter: use paretune.import_peft." if (path / "adapter_config.json").exists() else ""
         raise AdapterFileError(f"{path} has no {CONFIG_FILE}; it was not written by paretune.save.{hint}")
-    try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg} is corrupt (not valid JSON: {e}); save the adapter again.") from None
+    meta = read_json(cfg, what="adapter description", error=AdapterFileError, hint="Save the adapter again.")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{cfg} is not a paretune adapter description (format != {FORMAT!r}).")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -122,7 +122,6 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def check_fingerprint(model: nn.Module, meta: dict[str, Any], path: Any) -> None:
     """Raise if the model's modules at the saved targets differ from the saved fingerprint."""
-    from .host import Host
 
     saved = meta["fingerprint"]["modules"]
     problems = []
@@ -166,7 +165,6 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     ``name`` defaults to the saved name. The adapter is active; its parameters are trainable only
     with ``trainable=True``. Nothing changes on the model if the file is corrupt or the base differs.
     """
-    from ..api import adapt, remove
 
     meta = read_meta(path)
     tensors = read_tensors(path)
@@ -176,7 +174,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     per_module = _split_by_module(tensors, meta["targets"], path)
     grad = {id(p): p.requires_grad for p in model.parameters()}
     exact = "|".join(re.escape(t) for t in meta["targets"])
-    adapt(model, spec.name, name=name, targets=exact, **meta["config"])
+    adapt(model, spec.name, name=name, targets=exact, **spec.config_cls.upgrade(dict(meta["config"])))
     try:
         for module_name, state in per_module.items():
             model.get_submodule(module_name).deltas[name].load_stored(state, where=module_name)
@@ -205,9 +203,9 @@ def hot_swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -
     if list(meta["targets"]) != list(rec.targets):
         raise AdapterFileError(f"{path} adapts other modules than adapter {name!r}; hot-swap needs the same targets.")
     spec = registry.get(rec.method)
-    saved = spec.config_cls.from_dict(meta["config"]).to_dict()
+    saved = spec.config_cls.from_dict(spec.config_cls.upgrade(dict(meta["config"]))).to_dict()
     have = rec.config.to_dict()
-    init_only = set(getattr(spec.config_cls, "INIT_ONLY", ()))
+    init_only = set(spec.config_cls.INIT_ONLY)
     differ = sorted(k for k in have if k not in init_only and saved.get(k) != have.get(k))
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} vs {have.get(k)!r}" for k in differ)

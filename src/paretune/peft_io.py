@@ -6,9 +6,11 @@ The PEFT LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``) i
 ``lora_embedding_B`` for embeddings), with A (r, d_in) and B (d_out, r) in the layouts paretune
 uses too (Conv2d: A as an (r, in, kh, kw) kernel, B as (out, r, 1, 1)).
 
-Any method whose delta has an exact LoRA form exports (``Delta.as_lora``): LoRA, and PiSSA
-as the rank-2r LoRA relative to the original weights. The scaling is written as
-``lora_alpha = s·r`` so PEFT's ``alpha / r`` reproduces it exactly.
+Any method whose delta has an exact LoRA form exports (``Delta.as_lora``; ``paretune methods``
+marks them): LoRA, PiSSA (as the rank-2r LoRA relative to the original weights), NOLA, VeRA,
+RandLoRA, LaMDA and Block-LoRA, each as the LoRA factors its ΔW is made of. The scaling is written
+as ``lora_alpha = s·r`` so PEFT's ``alpha / r`` reproduces it exactly. Import reads PEFT LoRA
+folders into paretune LoRA adapters.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
-from ..errors import AdapterFileError
-from .atomic import atomic_dir
-from .state import record_of
+from . import __version__
+from .errors import AdapterFileError
+from .api import adapt, remove
+from .core import registry
+from .core.atomic import atomic_dir
+from .core.delta import Delta
+from .core.jsonfile import read_json
+from .core.state import record_of, state_of
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -37,12 +43,17 @@ _SUFFIXES = {
 }
 
 
+def exportable_methods() -> list[str]:
+    """Registered methods whose deltas have an exact LoRA form (so PEFT's LoRA format holds them)."""
+    return [n for n, spec in registry.all_methods().items() if spec.delta_cls.as_lora is not Delta.as_lora]
+
+
 def export_peft(
     model: nn.Module, path: str | os.PathLike, name: str = "default", *, base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write adapter ``name`` as a PEFT LoRA folder at ``path`` (atomically); returns the path."""
     rec = record_of(model, name)
-    if rec.merged:
+    if state_of(model).is_merged(name):
         raise AdapterFileError(f"adapter {name!r} is merged; unmerge it before exporting.")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -54,7 +65,7 @@ def export_peft(
         if lora is None:
             raise AdapterFileError(
                 f"{rec.method} has no exact LoRA form, so it cannot be written in PEFT's LoRA format; "
-                "save it with paretune.save instead (methods that export: lora, pissa)."
+                f"save it with paretune.save instead (methods that export: {', '.join(exportable_methods())})."
             )
         a, b, s = lora
         kind = host.kind
@@ -112,10 +123,9 @@ def _read_peft(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfg_file = path / PEFT_CONFIG
     if not cfg_file.is_file():
         raise AdapterFileError(f"{path} has no {PEFT_CONFIG}; it is not a PEFT adapter folder.")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg_file} is corrupt (not valid JSON: {e}).") from None
+    cfg = read_json(cfg_file, what="PEFT adapter config", error=AdapterFileError)
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{cfg_file} is not a PEFT adapter config (a JSON object).")
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{path} holds a PEFT {cfg.get('peft_type')!r} adapter; import_peft reads LORA only.")
     for key, what in _UNSUPPORTED.items():
@@ -143,7 +153,6 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 
 def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
     """Read a PEFT LoRA folder into ``model`` as paretune LoRA adapter ``name`` (in place)."""
-    from ..api import adapt, remove
 
     path = Path(path)
     cfg, tensors = _read_peft(path)
