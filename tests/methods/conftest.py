@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from docs_example import DOCS_EXAMPLE, docs_example_registered
+
 LLAMA_VOCAB = 64
 
 
@@ -92,3 +94,14 @@ def mlp_batch():
 def mixed_batch():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 20, (2, 6), generator=g), torch.randn(2, 3, 6, 6, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _docs_example_method(request):
+    """A test parametrized with the docs example's method name runs with that method registered."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("method") != DOCS_EXAMPLE:
+        yield
+        return
+    with docs_example_registered():
+        yield

@@ -20,7 +20,12 @@ from paretune.core import registry
 from paretune.core.host import Host
 from paretune.errors import ParetuneError
 
-METHODS = sorted(paretune.methods())
+from docs_example import DOCS_EXAMPLE, docs_example_registered
+
+BUILTIN = sorted(paretune.methods())
+# every built-in method, and the worked example of docs/adding-a-method.md (registered while its
+# tests run, by the fixture in conftest.py)
+METHODS = BUILTIN + [DOCS_EXAMPLE]
 SMALL_RANK = 2
 # per-method options for the tiny models, on top of the defaults (a method whose defaults do not
 # fit a 8..64-wide layer gets its small settings here)
@@ -125,8 +130,16 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 # -- tests ------------------------------------------------------------------------------------
 
+def test_the_docs_example_registers_for_its_tests_only():
+    assert DOCS_EXAMPLE not in paretune.methods()
+    with docs_example_registered():
+        spec = registry.get(DOCS_EXAMPLE)
+        assert spec.formula == "r·d_out" and issubclass(spec.delta_cls, paretune.core.LowRankDelta)
+    assert DOCS_EXAMPLE not in paretune.methods()
+
+
 def test_every_method_is_listed_with_its_formula():
-    assert METHODS, "no method registered"
+    assert BUILTIN, "no method registered"
     for name, line in paretune.methods().items():
         spec = registry.get(name)
         assert spec.summary and spec.formula in line and "trainable per layer" in line
@@ -304,7 +317,7 @@ def test_only_adapter_parameters_get_gradients(subject, method):
 
 # merge / unmerge / unload on a float64 model keep float64 precision (the base is not rounded
 # through float32).
-@pytest.mark.parametrize("method", [m for m in METHODS if registry.get(m).delta_cls.mergeable])
+@pytest.mark.parametrize("method", [m for m in BUILTIN if registry.get(m).delta_cls.mergeable] + [DOCS_EXAMPLE])
 def test_float64_model_round_trips_at_float64_precision(method):
     torch.manual_seed(0)
     original = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8)).double()

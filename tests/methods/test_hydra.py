@@ -1,5 +1,6 @@
 """Hydra: the two-branch forward, its exact merge into W and b (with and without a base bias), the
-Woodbury unmerge, and the last-merged-first-out rule."""
+Woodbury unmerge, the last-merged-first-out rule, and dropout where the reference puts it (on each
+branch's r-dim hidden activation, extremebird/Hydra vtab1k/hydra.py:60)."""
 
 import pytest
 import torch
@@ -114,3 +115,102 @@ def test_gpt2_conv1d_merge(make_mixed, mixed_batch):
 def test_bad_options(bad):
     with pytest.raises(paretune.ConfigError, match=next(iter(bad))):
         paretune.adapt(_model(), "hydra", targets=["0"], **bad)
+
+
+# -- dropout: on each branch's r-dim hidden activation, as the reference (vtab1k/hydra.py:60) -----
+
+def _record(d):
+    """Forward hooks: what enters each branch's down / up projection and what leaves down."""
+    seen = {}
+    handles = []
+    for bname in ("parallel", "sequential"):
+        branch = getattr(d, bname)
+
+        def down_hook(mod, inp, out, bname=bname):
+            seen[bname, "x"] = inp[0].detach().clone()
+            seen[bname, "h"] = out.detach().clone()
+
+        def up_hook(mod, inp, out, bname=bname):
+            seen[bname, "h_dropped"] = inp[0].detach().clone()
+
+        handles += [branch.down.register_forward_hook(down_hook), branch.up.register_forward_hook(up_hook)]
+    return seen, handles
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["hydra-alone", "after-another-delta"])
+def test_train_mode_dropout_hits_only_the_hidden_activation(alone):
+    """Train mode, dropout 0.5: each branch's input (x, and the frozen W₀x + b₀) enters untouched,
+    the r-dim hidden activation is dropped (0 or h/(1-p)), and the output is the hand formula with
+    those dropped activations. Checked on the fused path (Hydra alone) and the plain one."""
+    p, s = 0.5, 0.7
+    model = _model(d_in=16, d_out=12)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    paretune.adapt(model, "hydra", r=64, scale=s, dropout=p, targets=["0"])
+    _randomize(model)
+    if not alone:  # a second, zero-init LoRA after it: Hydra runs through forward(x, base_out), not fused
+        paretune.adapt(model, "lora", name="z", r=2, targets=["0"])
+        assert torch.count_nonzero(_delta(model, "z").delta_weight()) == 0
+    d = _delta(model)
+    model.train()
+    seen, handles = _record(d)
+    x = torch.randn(8, 16)
+    torch.manual_seed(0)
+    y = model(x)
+    for h in handles:
+        h.remove()
+    frozen = x @ w0.T + b0
+    torch.testing.assert_close(seen["parallel", "x"], x, atol=0, rtol=0)  # x itself, not dropped
+    torch.testing.assert_close(seen["sequential", "x"], frozen, atol=1e-6, rtol=1e-6)  # W₀x + b₀, not dropped
+    for bname in ("parallel", "sequential"):
+        h, hd = seen[bname, "h"], seen[bname, "h_dropped"]
+        kept = hd != 0
+        assert 0.2 < kept.float().mean().item() < 0.8  # some dropped, some kept (8·64 draws at p = 0.5)
+        torch.testing.assert_close(hd[kept], h[kept] / (1 - p))
+    hp, hs = seen["parallel", "h_dropped"], seen["sequential", "h_dropped"]
+    want = frozen + s * (d.parallel.up(hp) + d.sequential.up(hs))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_train_mode_dropout_matches_a_hand_computation_with_the_same_seed():
+    """Same seed, same masks: the output equals W₀x + b₀ + s·(U_p·drop(D_p x + c_p) + e_p) +
+    s·(U_s·drop(D_s(W₀x + b₀) + c_s) + e_s), masks drawn parallel branch first."""
+    p, s = 0.3, 1.5
+    model = _model(d_in=10, d_out=6)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    paretune.adapt(model, "hydra", r=32, scale=s, dropout=p, targets=["0"])
+    _randomize(model)
+    d = _delta(model)
+    model.train()
+    x = torch.randn(5, 10)
+    torch.manual_seed(123)
+    y = model(x)
+    torch.manual_seed(123)
+    frozen = x @ w0.T + b0
+    hp = torch.nn.functional.dropout(d.parallel.down(x), p, training=True)
+    hs = torch.nn.functional.dropout(d.sequential.down(frozen), p, training=True)
+    want = frozen + s * (d.parallel.up(hp) + d.sequential.up(hs))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    no_drop = frozen + s * (d.parallel.up(d.parallel.down(x)) + d.sequential.up(d.sequential.down(frozen)))
+    assert not torch.allclose(y, no_drop)  # and the dropout did act
+
+
+def test_eval_mode_dropout_does_nothing_and_merge_is_exact():
+    model = _model(d_in=9, d_out=7)
+    ref = _model(d_in=9, d_out=7)
+    paretune.adapt(model, "hydra", r=3, scale=2.5, dropout=0.2, targets=["0"])
+    paretune.adapt(ref, "hydra", r=3, scale=2.5, dropout=0.0, targets=["0"])
+    _randomize(model)
+    _randomize(ref)
+    model.eval()
+    ref.eval()
+    x = torch.randn(6, 9)
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)  # deterministic
+    paretune.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+    paretune.unmerge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)

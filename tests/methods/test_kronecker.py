@@ -1,8 +1,10 @@
 """Kronecker adapter (DiffuseKronA, Marjit et al. 2024; LoKr, Yeh et al. 2024): ΔW = s·(A ⊗ B).
 
 Checks: LoKr's dimension split, counts == formula on awkward shapes, zero start, the factored
-forward == the dense kron, merge / save round trips, which tensors train, and equality of ΔW and
-outputs with PEFT's LoKr (``peft.LoKrConfig``) for full and low-rank factors.
+forward == the dense kron, merge / save round trips, which tensors train, equality of ΔW and
+outputs with PEFT's LoKr (``peft.LoKrConfig``) for full and low-rank factors, and DiffuseKronA's
+reference init (``init="diffusekrona"``: A ~ N(0, (1/a1)²), B = 0, A (64, 4) by default;
+IBM/DiffuseKronA diffusekrona/krona.py:12, 36-37).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from torch import nn
 
 import paretune
 from paretune.bench.budget import plan_budget
+from paretune.bench.tuning import tuning_of
 from paretune.core import registry
 from paretune.core.host import Host
 from paretune.errors import ConfigError
-from paretune.methods.kronecker import KroneckerConfig, KroneckerDelta, kron_plan, split_dim
+from paretune.methods.kronecker import (DIFFUSEKRONA_A_SHAPE, KroneckerConfig, KroneckerDelta, kron_plan,
+                                        split_dim)
 
 SHAPES = [(8, 16), (16, 12), (64, 64), (30, 7), (7, 30), (13, 13), (96, 64)]  # (d_in, d_out)
 OPTIONS = [
@@ -86,6 +90,10 @@ def test_count_equals_formula_and_requires_grad(d_in, d_out, options):
     (64, 64, {"factor": 2, "r": 3}, (2, 2), (32, 32), 4 + 3 * 64),
     (16, 12, {"a_shape": [3, 2]}, (3, 2), (4, 8), 6 + 32),
     (16, 12, {"b_shape": (12, 1)}, (1, 16), (12, 1), 16 + 12),
+    (64, 128, {"init": "diffusekrona"}, (64, 4), (2, 16), 256 + 32),  # DiffuseKronA's default A
+    (64, 128, {"init": "diffusekrona", "factor": 4}, (4, 4), (32, 16), 16 + 512),  # a factor: LoKr's split
+    (64, 128, {"init": "diffusekrona", "a_shape": (8, 2)}, (8, 2), (16, 32), 16 + 512),
+    (64, 128, {"init": "diffusekrona", "b_shape": (16, 16)}, (8, 4), (16, 16), 32 + 256),
 ])
 def test_shapes_and_counts_by_hand(d_in, d_out, options, a, b, count):
     plan = kron_plan(d_out, d_in, KroneckerConfig(**options))
@@ -93,8 +101,8 @@ def test_shapes_and_counts_by_hand(d_in, d_out, options, a, b, count):
 
 
 def test_budget_knob_is_the_factor(make_llama):
-    spec = registry.get("kronecker")
-    assert (spec.budget_option, spec.budget_max) == ("factor", 128)
+    tuning = tuning_of("kronecker")
+    assert (tuning.knob, tuning.knob_max) == ("factor", 128)
     model = make_llama()
     match = plan_budget(model, "kronecker", 2_000)
     assert match.knob == "factor" and 1_000 <= match.trainable <= 4_000
@@ -102,11 +110,12 @@ def test_budget_knob_is_the_factor(make_llama):
 
 # -- init, forward, merge, save ----------------------------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"r": 2}, {"r": 1, "decompose_both": True}, {"init": "lycoris", "r": 2}])
+@pytest.mark.parametrize("options", [{}, {"r": 2}, {"r": 1, "decompose_both": True}, {"init": "lycoris", "r": 2},
+                                     {"init": "diffusekrona", "factor": 4}])
 def test_zero_delta_at_init(make_llama, llama_batch, options):
     base, model = make_llama(), make_llama()
     paretune.adapt(model, "kronecker", **options)
-    zero = "B" if options.get("init") == "lycoris" else "A"
+    zero = "B" if options.get("init") in ("lycoris", "diffusekrona") else "A"
     for d in deltas(model).values():
         assert torch.count_nonzero(d.delta_weight()) == 0
         assert torch.count_nonzero(d.dense_factor(zero)) == 0
@@ -159,7 +168,9 @@ def test_conv1d_host_uses_the_matrix_layout():
         torch.testing.assert_close(model(x), x @ (w + d.delta_weight().T) + b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("options", [{}, {"r": 2, "alpha": 3.0}, {"a_shape": (2, 2), "r": 1, "decompose_both": True}])
+@pytest.mark.parametrize("options", [{}, {"r": 2, "alpha": 3.0}, {"a_shape": (2, 2), "r": 1, "decompose_both": True},
+                                     {"init": "diffusekrona", "a_shape": (8, 4)},
+                                     {"init": "diffusekrona", "factor": 2, "alpha": 0.5}])
 def test_merged_equals_unmerged_and_save_load(make_llama, llama_batch, options, tmp_path):
     model = make_llama()
     paretune.adapt(model, "kronecker", **options)
@@ -192,6 +203,74 @@ def test_only_the_factors_get_gradients(options, names):
         assert p.requires_grad == is_adapter, n
         assert (p.grad is not None and p.grad.abs().sum() > 0) == is_adapter, n
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == names
+
+
+# -- DiffuseKronA's reference init ------------------------------------------------------------
+
+def wide(d_in: int = 256, d_out: int = 128, seed: int = 0) -> nn.Sequential:
+    """Two layers (256 -> 128 -> 64) that DiffuseKronA's default A (64, 4) divides."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, 64)).eval()
+
+
+def test_diffusekrona_default_shape_and_init():
+    """krona.py:12 rank=(64, 4) = (a1, a2); :36 A ~ N(0, std 1/a1); :37 B = 0."""
+    assert DIFFUSEKRONA_A_SHAPE == (64, 4)
+    model = wide()
+    torch.manual_seed(1)
+    paretune.adapt(model, "kronecker", init="diffusekrona")
+    ds = deltas(model)
+    assert [d.plan.a for d in ds.values()] == [(64, 4), (64, 4)]
+    assert [d.plan.b for d in ds.values()] == [(2, 64), (1, 32)]
+    a = torch.cat([d.A.detach().flatten() for d in ds.values()])  # 512 draws, std 1/64 each
+    assert a.std().item() == pytest.approx(1 / 64, rel=0.15)
+    assert abs(a.mean().item()) < 3 * (1 / 64) / a.numel() ** 0.5 + 1e-4
+    for d in ds.values():
+        assert d.scaling == 1.0 and d.B_up is None and d.A_up is None  # full factors, s = 1
+        assert torch.count_nonzero(d.B) == 0 and torch.count_nonzero(d.delta_weight()) == 0
+
+
+@pytest.mark.parametrize("a_shape", [(16, 64), (64, 16)])
+def test_diffusekrona_std_is_one_over_a1(a_shape):
+    """A (a1, a2) with a1 != a2 and 1024 entries: the std is 1/a1 (rows, the output side), not 1/a2."""
+    model = nn.Sequential(nn.Linear(256, 128))
+    torch.manual_seed(2)
+    paretune.adapt(model, "kronecker", targets=["0"], init="diffusekrona", a_shape=a_shape)
+    (d,) = deltas(model).values()
+    assert d.plan.a == a_shape
+    assert d.A.std().item() == pytest.approx(1 / a_shape[0], rel=0.08)
+    assert torch.count_nonzero(d.B) == 0
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(model(x), model[0].base(x))  # ΔW = 0 at start
+
+
+def test_diffusekrona_merge_and_save_load_with_the_default_shape(tmp_path):
+    model = wide()
+    paretune.adapt(model, "kronecker", init="diffusekrona")
+    randomize(model, std=0.05)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        expected = model(x)
+    paretune.save(model, tmp_path / "krona")
+    fresh = wide()
+    paretune.load(fresh, tmp_path / "krona")
+    assert paretune.adapters(fresh)["default"].config == paretune.adapters(model)["default"].config
+    assert [d.plan.a for d in deltas(fresh).values()] == [(64, 4), (64, 4)]
+    paretune.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(64, 32), (30, 128)])  # 64 rows do not divide 32; 4 cols not 30
+def test_diffusekrona_default_shape_that_does_not_fit_is_a_clear_error(d_in, d_out):
+    model = one_linear(d_in, d_out)
+    with pytest.raises(ConfigError, match=r"init='diffusekrona' uses DiffuseKronA's default a_shape=\(64, 4\), "
+                                          r"which does not fit .*Give a_shape=.*or a factor"):
+        paretune.adapt(model, "kronecker", targets=["0"], init="diffusekrona")
+    assert not any(isinstance(m, Host) for m in model.modules())  # left as it was
+    paretune.adapt(model, "kronecker", targets=["0"], init="diffusekrona", factor=2)  # the suggested way out
 
 
 # -- equality with PEFT's LoKr -----------------------------------------------------------------
@@ -254,7 +333,8 @@ def test_shapes_that_do_not_fit_the_layer_name_the_valid_ones(options, match):
     ({"decompose_both": True}, "decompose_both=True needs a rank r"),
     ({"r": 0}, "r=0 is invalid"),
     ({"alpha": -1.0}, "alpha=-1.0 is invalid"),
-    ({"init": "gaussian"}, "init.*'peft', 'lycoris'"),
+    ({"init": "gaussian"}, "init.*'peft', 'lycoris', 'diffusekrona'"),
+    ({"init": "diffusekrona", "r": 2}, "init='diffusekrona' is DiffuseKronA's init of two full factors.*Drop r"),
 ])
 def test_bad_options_are_clear_config_errors(options, match):
     with pytest.raises(ConfigError, match=match):

@@ -4,11 +4,23 @@ Fine-tuning"; reference code extremebird/Hydra, ``vtab1k/hydra.py``).
 Two LoRA branches around a frozen linear map W₀, b₀: a *parallel* branch P on the input and a
 *sequential* branch S on the frozen output,
 
-    y = W₀x + b₀ + s·P(x) + s·S(W₀x + b₀),    P(x) = U_p(D_p x + c_p) + e_p,  S likewise,
+    y = W₀x + b₀ + s·P(x) + s·S(W₀x + b₀),    P(x) = U_p·drop(D_p x + c_p) + e_p,  S likewise,
 
 each branch a down Linear (d → r, xavier-uniform weight, zero bias) and an up Linear (r → d_out,
 zero weight and bias), as in the reference code; so the adapted model starts equal to the base.
-Both branches are linear, so Hydra merges exactly:
+
+Dropout (``dropout``, default 0) follows the reference: each branch drops its own r-dimensional
+hidden activation, between down and up projection, ``up_proj(dropout(down_proj(x)))``
+(``Hydra_layer.forward``, vtab1k/hydra.py:59-60, commit 4138457; one ``nn.Dropout`` per branch,
+hydra.py:51, 81-84). The branch inputs, x and the frozen output W₀x + b₀ (the reference feeds
+``fc2(x)`` / ``proj(x)`` itself to the sequential branch, hydra.py:13-14, 38-39), are never
+dropped. Its VTAB-1k configs set dropout per dataset (0, 0.1 or 0.2).
+
+The scale s (``scale``) defaults to 1.0, the reference layer's default (``Hydra_layer(...,
+scale=1, do=0.0)``, hydra.py:46); the reference *tunes it per dataset*, from 0.1 to 4.5
+(vtab1k/configs/hydra_both/*.yaml), so 1.0 is a starting point, not the paper's setting.
+
+In eval mode (or with dropout 0) both branches are linear, so Hydra merges exactly:
 
     W = W₀ + s(U_p D_p + U_s D_s W₀),    b = b₀ + s(U_s D_s b₀ + U_p c_p + e_p + U_s c_s + e_s).
 
@@ -32,13 +44,17 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
+from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
-from .lora import adapter_dtype
 
 
 @dataclasses.dataclass
 class HydraConfig(AdapterConfig):
+    """``r``: each branch's hidden width (reference default ``dim=2``, hydra.py:77); ``scale``: s,
+    1.0 by default (the reference tunes it per dataset, 0.1 to 4.5); ``dropout``: on each branch's
+    r-dim hidden activation, as the reference (hydra.py:60); ``bias``: the four branch biases."""
+
     r: int = 2
     scale: float = 1.0
     dropout: float = 0.0
@@ -48,16 +64,18 @@ class HydraConfig(AdapterConfig):
         self._positive_int("r")
         self._require(isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool), "scale",
                       self.scale, "it must be a number")
-        self._require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout,
-                      "it must be in [0, 1)")
-        self._require(isinstance(self.bias, bool), "bias", self.bias, "it must be true or false")
+        self._probability("dropout")
+        self._flag("bias")
 
 
 class _Branch(nn.Module):
-    """down (d → r, xavier-uniform, zero bias) then up (r → d_out, zeros)."""
+    """down (d → r, xavier-uniform, zero bias), dropout on the r-dim hidden activation (as the
+    reference's ``up_proj(dropout(down_proj(x)))``), then up (r → d_out, zeros)."""
 
-    def __init__(self, d: int, d_out: int, r: int, bias: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(self, d: int, d_out: int, r: int, bias: bool, dtype: torch.dtype, device: torch.device,
+                 dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.down = nn.Linear(d, r, bias=bias, dtype=dtype, device=device)
         self.up = nn.Linear(r, d_out, bias=bias, dtype=dtype, device=device)
         nn.init.xavier_uniform_(self.down.weight)
@@ -67,7 +85,10 @@ class _Branch(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        h = self.down(x)
+        if self.drop is not None:
+            h = self.drop(h)
+        return self.up(h)
 
     def matrix(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight
@@ -94,25 +115,23 @@ class HydraDelta(Delta):
         w = geometry.weight
         dtype, dev = adapter_dtype(w), w.device
         self.scale = float(config.scale)
-        self.parallel = _Branch(self.d_in, self.d_out, config.r, config.bias, dtype, dev)
-        self.sequential = _Branch(self.d_out, self.d_out, config.r, config.bias, dtype, dev)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        p = float(config.dropout)
+        self.parallel = _Branch(self.d_in, self.d_out, config.r, config.bias, dtype, dev, dropout=p)
+        self.sequential = _Branch(self.d_out, self.d_out, config.r, config.bias, dtype, dev, dropout=p)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.parallel.down.weight.dtype)
         return self._branches(x, self._frozen_output(x), base_out)
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """When Hydra is the only delta to run, the host's base output is W₀x + b₀ itself: run
-        the base once and feed its output to the sequential branch (no second W₀ product)."""
-        base_out = self.geometry.base(x)
+    def alone_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """When Hydra is the only delta to run, ``base_out`` is W₀x + b₀ itself: feed it to the
+        sequential branch (no second W₀ product)."""
         return self._branches(x.to(self.parallel.down.weight.dtype), base_out, base_out)
 
     def _branches(self, x: torch.Tensor, frozen: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """base_out + s·P(x) + s·S(frozen), frozen = W₀x + b₀."""
+        """base_out + s·P(x) + s·S(frozen), frozen = W₀x + b₀; dropout acts only inside each
+        branch, on its hidden activation (x and frozen enter the branches as they are)."""
         frozen = frozen.to(x.dtype)
-        if self.drop is not None:
-            x, frozen = self.drop(x), self.drop(frozen)
         extra = self.parallel(x) + self.sequential(frozen)
         return base_out + (self.scale * extra).to(base_out.dtype)
 

@@ -17,9 +17,30 @@ Taken from LoKr, as PEFT's ``peft.tuners.lokr`` implements it (numerics equal to
   r < max(b1, b2)/2, else B stays full; with ``decompose_both`` A = A_up·A_down likewise (when
   r < max(a1, a2)/2);
 * the scale s = alpha / r whenever r is given (PEFT: also when both factors end up full; LyCORIS
-  itself would force s = 1 then);
-* init ``"peft"`` (default): A (or A_up) = 0, B's factors kaiming-uniform(a=sqrt(5)), so ΔW = 0 at
-  start; ``"lycoris"``: A's factors kaiming, B (or B_down) = 0.
+  itself would force s = 1 then).
+
+Inits (all give ΔW = 0 at start, one factor being zero):
+
+* ``"peft"`` (the default, so *the default init is LoKr's*, not DiffuseKronA's): PEFT's LoKr
+  ``reset_adapter_parameters``: A (or A_up) = 0, B's factors kaiming-uniform(a=sqrt(5));
+* ``"lycoris"``: LoKr as LyCORIS initialises it (PEFT's ``init_weights="lycoris"``): A's factors
+  kaiming-uniform(a=sqrt(5)), B (or B_down) = 0;
+* ``"diffusekrona"``: DiffuseKronA's own init and default shape, taken from its reference code
+  (IBM/DiffuseKronA, ``diffusekrona/krona.py``, commit 6c24fc5): ``KronALinearLayer(...,
+  rank=(64, 4))`` with (a1, a2) = rank (krona.py:12, 15-16), A ~ N(0, (1/a1)²), i.e. std 1/a1 =
+  1/rank[0] (krona.py:36, ``nn.init.normal_(self.down.weight, std=1 / rank[0])``; ``down`` is A,
+  stored transposed), and B = 0 (krona.py:37, ``nn.init.zeros_(self.up.weight)``). Unless
+  ``a_shape`` / ``b_shape`` or a ``factor`` is given, A's shape is that default (64, 4), so rows
+  must divide d_out and cols d_in (a layer it does not fit is a ConfigError naming a_shape and
+  factor). (Its training script's own defaults are (a1, a2) = (32, 16), its example scripts use
+  (64, 8); we take the layer's default.) Both factors full: ``r`` is refused with this init. The
+  reference scales by ``network_alpha / rank`` only if network_alpha is given (never, in its
+  training script), so s = 1 there, which is our ``alpha=None`` default.
+
+One layout difference from that reference, kept on purpose: its forward (krona.py:45-48) writes
+the output as a (b1, a1) array, i.e. it computes the rows of A ⊗ B in a perfect-shuffle order
+(a fixed permutation of the output rows); we keep the paper's (and PEFT's) plain A ⊗ B. Same
+parameters, same counts, same init statistics.
 
 Our choices: without r, s = alpha; ``alpha=None`` (default) means s = 1 in both cases (LyCORIS's
 default; PEFT's default alpha=8 gives s = 8/r). PEFT's rank/module dropout and Conv2d/Tucker forms
@@ -30,7 +51,7 @@ two small matmuls, O(a2·b2·b1 + a1·a2·b1) (or, when cheaper, (A X) Bᵀ: O(a
 row instead of O(d_out·d_in); a low-rank factor is applied as its two thin matrices.
 ``delta_weight`` (merge) builds s·kron(A, B).
 
-Bench size knob: ``factor`` (``budget_max=128``). As in DiffuseKronA the shapes set the size:
+Size: as in DiffuseKronA the shapes set it (the bench scans ``factor``):
 A ≈ factor×factor, B the rest, count ≈ factor² + d_out·d_in/factor², from full fine-tuning at
 factor=1 down to its minimum near factor = sqrt(d); factors past sqrt of the widest layer (128
 covers 16384) only mirror smaller ones. ``r`` is not the knob: with the default split it moves the
@@ -48,12 +69,17 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
+from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
 from ..errors import ConfigError
-from .lora import adapter_dtype
 
 Pair = tuple[int, int]
+
+# DiffuseKronA's default (a1, a2): ``KronALinearLayer(..., rank=(64, 4))`` (IBM/DiffuseKronA,
+# diffusekrona/krona.py:12); A's shape under init="diffusekrona" unless shapes or a factor are given
+DIFFUSEKRONA_A_SHAPE: Pair = (64, 4)
+INITS = ("peft", "lycoris", "diffusekrona")
 
 
 def divisors(n: int) -> list[int]:
@@ -86,7 +112,9 @@ class KroneckerConfig(AdapterConfig):
     """``factor``: LoKr's split (-1: near sqrt); ``a_shape`` / ``b_shape``: explicit (a1, a2) /
     (b1, b2) instead; ``r``: None for full factors (DiffuseKronA) or LoKr's low-rank rank;
     ``alpha``: s = alpha/r (alpha with r=None; None: s = 1); ``decompose_both``: A low-rank too;
-    ``init``: "peft" (A = 0) or "lycoris" (B = 0)."""
+    ``init``: "peft" (LoKr as PEFT: A = 0, B kaiming; the default), "lycoris" (LoKr as LyCORIS:
+    A kaiming, B = 0) or "diffusekrona" (DiffuseKronA's reference: A ~ N(0, (1/a1)²), B = 0, A's
+    shape (64, 4) unless a_shape / b_shape / factor is given; full factors, so no r)."""
 
     factor: int = -1
     a_shape: tuple[int, int] | None = None
@@ -115,11 +143,16 @@ class KroneckerConfig(AdapterConfig):
             self._positive_int("r")
         if self.alpha is not None:
             self._non_negative("alpha")
-        self._require(isinstance(self.decompose_both, bool), "decompose_both", self.decompose_both, "use True or False")
+        self._flag("decompose_both")
         if self.decompose_both and self.r is None:
             raise ConfigError(f"{self.method or 'kronecker'}: decompose_both=True needs a rank r (e.g. r=4); "
                               "without r both factors are full.")
-        self._one_of("init", ("peft", "lycoris"))
+        self._one_of("init", INITS)
+        if self.init == "diffusekrona" and self.r is not None:
+            raise ConfigError(
+                f"{self.method or 'kronecker'}: init='diffusekrona' is DiffuseKronA's init of two full factors "
+                f"(A ~ N(0, 1/a1²), B = 0); r={self.r} asks for LoKr's low-rank factors. Drop r, or keep r with "
+                "init='peft' or init='lycoris'.")
 
     @property
     def scaling(self) -> float:
@@ -144,24 +177,34 @@ class KronPlan:
 
 
 def _fit(d_out: int, d_in: int, cfg: KroneckerConfig) -> tuple[Pair, Pair]:
-    """(A's shape, B's shape) for a (d_out, d_in) layer, from explicit shapes or LoKr's split."""
-    given = cfg.a_shape or cfg.b_shape
+    """(A's shape, B's shape) for a (d_out, d_in) layer, from explicit shapes, DiffuseKronA's
+    default A shape (init="diffusekrona" with neither shapes nor a factor), or LoKr's split."""
+    a_shape, b_shape = cfg.a_shape, cfg.b_shape
+    implied = cfg.init == "diffusekrona" and a_shape is None and b_shape is None and cfg.factor == -1
+    if implied:
+        a_shape = DIFFUSEKRONA_A_SHAPE
+    given = a_shape or b_shape
     if given is None:
         o_small, o_large = split_dim(d_out, cfg.factor)
         i_small, i_large = split_dim(d_in, cfg.factor)
         return (o_small, i_small), (o_large, i_large)
-    name = "a_shape" if cfg.a_shape else "b_shape"
-    if d_out % given[0] or d_in % given[1] or (cfg.a_shape and cfg.b_shape and (
-            cfg.a_shape[0] * cfg.b_shape[0] != d_out or cfg.a_shape[1] * cfg.b_shape[1] != d_in)):
-        shown = f"a_shape={cfg.a_shape}, b_shape={cfg.b_shape}" if cfg.a_shape and cfg.b_shape else f"{name}={given}"
+    name = "a_shape" if a_shape else "b_shape"
+    if d_out % given[0] or d_in % given[1] or (a_shape and b_shape and (
+            a_shape[0] * b_shape[0] != d_out or a_shape[1] * b_shape[1] != d_in)):
+        shown = f"a_shape={a_shape}, b_shape={b_shape}" if a_shape and b_shape else f"{name}={given}"
+        if implied:
+            shown = f"init='diffusekrona' uses DiffuseKronA's default {shown}, which"
+            advice = ("Give a_shape=(rows, cols) (or b_shape) that fits, or a factor (e.g. factor=2) to let "
+                      "LoKr's split size each layer.")
+        else:
+            advice = "Pick such a shape, or drop a_shape/b_shape and let `factor` split each layer."
         raise ConfigError(
             f"kronecker: {shown} does not fit a layer of shape (d_out={d_out}, d_in={d_in}): a1·b1 must be "
             f"{d_out} and a2·b2 must be {d_in}, so rows must divide {d_out} (one of {divisors(d_out)}) and cols "
-            f"{d_in} (one of {divisors(d_in)}). Pick such a shape, or drop a_shape/b_shape and let `factor` "
-            "split each layer."
+            f"{d_in} (one of {divisors(d_in)}). {advice}"
         )
     other = (d_out // given[0], d_in // given[1])
-    return (given, other) if cfg.a_shape else (other, given)
+    return (given, other) if a_shape else (other, given)
 
 
 def kron_plan(d_out: int, d_in: int, cfg: KroneckerConfig) -> KronPlan:
@@ -180,8 +223,6 @@ def kron_plan(d_out: int, d_in: int, cfg: KroneckerConfig) -> KronPlan:
             "A a1×a2, B b1×b2; with r, B (and A with decompose_both) low-rank as LoKr",
     formula="a1·a2 + b1·b2 (a1·b1 = d_out, a2·b2 = d_in); a low-rank factor costs r·(rows + cols)",
     kinds=("linear", "conv1d"),
-    budget_option="factor",
-    budget_max=128,
 )
 class KroneckerDelta(Delta):
     def __init__(self, geometry: Geometry, config: KroneckerConfig, **context):
@@ -208,7 +249,13 @@ class KroneckerDelta(Delta):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's LoKr init ("peft"): A / A_up zero, the rest kaiming; "lycoris": B / B_down zero."""
+        """LoKr as PEFT ("peft"): A / A_up zero, the rest kaiming; LoKr as LyCORIS ("lycoris"):
+        B / B_down zero, the rest kaiming; DiffuseKronA ("diffusekrona", krona.py:36-37): A ~
+        N(0, (1/a1)²), B zero (both full: validate refuses r with it)."""
+        if self.config.init == "diffusekrona":
+            nn.init.normal_(self.A, mean=0.0, std=1.0 / self.plan.a[0])
+            nn.init.zeros_(self.B)
+            return
         zero_side = "A" if self.config.init == "peft" else "B"
         for side in ("A", "B"):
             full, up, down = getattr(self, side), getattr(self, f"{side}_up"), getattr(self, f"{side}_down")
