@@ -16,7 +16,6 @@ from torch import nn
 import paretune
 from paretune.bench.budget import plan_budget
 from paretune.bench.tuning import tuning_of
-from paretune.core import registry
 from paretune.core.host import Host
 from paretune.errors import ConfigError
 from paretune.methods.kronecker import (DIFFUSEKRONA_A_SHAPE, KroneckerConfig, KroneckerDelta, kron_plan,
