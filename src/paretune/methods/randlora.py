@@ -14,9 +14,34 @@ largest dims), regenerated from ``seed`` and never saved.
 Choices made here (stated; the draw follows PEFT so that the same seed gives PEFT's numbers):
 
 * ``convention="paper"`` (default): n = ⌊m / r⌋ + 1 and s = alpha / (r·√n), as the authors'
-  code; ``convention="peft"``: n = ⌈m / r⌉ (one basis fewer when r divides m) and s = alpha / r,
-  as PEFT. Both give n·r ≥ m. The bases, their draw and everything below are the same.
-* ``alpha`` defaults to 20·r (PEFT's advice, and its default 640 at its default r = 32).
+  code (NLG/loralib/randlora_layers.py: n at line 75, ``scaling = lora_alpha / r / sqrt(n)`` at
+  line 133); ``convention="peft"``: n = ⌈m / r⌉ (one basis fewer when r divides m) and
+  s = alpha / r, as PEFT (peft/tuners/randlora/layer.py). Both
+  give n·r ≥ m. The bases, their draw and everything below are the same. n is per layer (from
+  the layer's own m), as the authors' vision code (vision_language/src/rand_lora.py,
+  ``n = min(bank n, d_in // r + 1, d_out // r + 1)``); their NLG code uses one n for all layers.
+* ``alpha=None`` (default) means the convention's own default, each matched to its own scaling:
+
+  - ``paper``: alpha = 2·r, the value the authors' training scripts pass with the √n scaling:
+    NLG/train.sh ``--lora_alpha $((2*rank))`` (rank 20), GLUE/run_glue.py
+    ``randlora_alpha=data_args.rank*2`` (line 448), and the default 64 at r = 32 of the PEFT
+    copy bundled with their code (peft/src/peft/tuners/randlora/config.py line 127, "typically 2
+    times the rank"; its layer.py line 119 uses ``randlora_alpha / r / math.sqrt(self.n)``, with
+    n = ⌈m / r⌉). So s = 2 / √n. (Their vision
+    scripts differ: vision_language/src/rand_lora.py uses s = alpha / r without √n, and
+    clip_encoder.py builds the layers without alpha, i.e. its default 1: s = 1 / r. Not followed.)
+  - ``peft``: alpha = 20·r, PEFT's value for its scaling alpha / r: peft/tuners/randlora/config.py
+    (PEFT 0.21.2, the version installed here) has ``r = 32`` (line 84), ``randlora_alpha = 640``
+    (line 141) and "typically 20 times the rank" (lines 59, 143); layer.py line 128 has
+    ``scaling = randlora_alpha / r``. So s = 20.
+
+  The default is resolved when the config is built, so ``config.alpha`` (and the ``paretune.json``
+  that :func:`paretune.save` writes) always holds the number used (``dataclasses.replace`` of
+  ``r`` or ``convention`` keeps that number; build a new config for the new default). Files
+  saved before this change hold ``alpha: null``, which then meant 20·r under either convention
+  (so s = 20 / √n with ``paper``): :meth:`RandLoraConfig.upgrade` puts 20·r back when such a
+  file is loaded, so it loads as it was trained. (A saved null can only come from such a file:
+  since the change every saved config holds a number.)
 * Dense bases (default) are drawn as PEFT draws them: a CPU generator seeded with ``seed``
   fills A (r × bank m), then each of the bank's n B_i (bank M × r), kaiming-uniform (a=√5) in
   bfloat16, each tensor divided by its own std (unit std), then cast to the adapter's dtype.
@@ -38,45 +63,72 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..core.bank import Bank
 from ..core.config import AdapterConfig
-from ..core.delta import Delta
+from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
+from ..core.lowrank import LowRankDelta
 from ..core.registry import register
-from .lora import adapter_dtype
+
+# alpha = ALPHA_PER_RANK[convention] · r when alpha is None (sources in the module docstring)
+ALPHA_PER_RANK = {"paper": 2.0, "peft": 20.0}
+# what alpha=None meant in files saved before the defaults above (20·r under both conventions)
+LEGACY_ALPHA_PER_RANK = 20.0
+LEGACY_R = 32  # the default r of those files, for a saved config without "r"
+
+
+def default_alpha(r: int, convention: str = "paper") -> float:
+    """The alpha that ``alpha=None`` stands for: 2·r (``paper``) or 20·r (``peft``)."""
+    return ALPHA_PER_RANK[convention] * r
 
 
 @dataclasses.dataclass
 class RandLoraConfig(AdapterConfig):
     r: int = 32
-    alpha: float | None = None  # None: 20·r
+    alpha: float | None = None  # None: default_alpha(r, convention), resolved at construction
     dropout: float = 0.0
     seed: int = 0
     sparse: bool = False
     very_sparse: bool = False
     convention: str = "paper"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha is None:  # stored resolved: a saved file holds the number it was trained with
+            self.alpha = default_alpha(self.r, self.convention)
+
     def validate(self) -> None:
         self._positive_int("r")
         if self.alpha is not None:
             self._non_negative("alpha")
-        self._require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout,
-                      "it must be in [0, 1)")
-        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-                      "seed", self.seed, "it must be an integer >= 0")
+        self._probability("dropout")
+        self._seed("seed")
         self._one_of("convention", ("paper", "peft"))
-        for flag in ("sparse", "very_sparse"):
-            self._require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "it must be True or False")
+        self._flag("sparse")
+        self._flag("very_sparse")
         self._require(not (self.sparse and self.very_sparse), "very_sparse", self.very_sparse,
                       "choose at most one of sparse and very_sparse")
 
-    @property
-    def alpha_value(self) -> float:
-        return 20.0 * self.r if self.alpha is None else float(self.alpha)
+    @classmethod
+    def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved config with ``alpha: null`` comes from before alpha was stored resolved, when
+        None meant 20·r under both conventions: put that number in, so the file loads as trained."""
+        if "alpha" in saved and saved["alpha"] is None:
+            r = saved.get("r", LEGACY_R)
+            if isinstance(r, int) and not isinstance(r, bool):  # else validation reports r
+                return {**saved, "alpha": LEGACY_ALPHA_PER_RANK * r}
+        return saved
+
+    def scaling(self, n: int) -> float:
+        """s for a layer with n bases: alpha / (r·√n) (``paper``) or alpha / r (``peft``)."""
+        s = self.alpha / self.r
+        return s / math.sqrt(n) if self.convention == "paper" else s
 
 
 def num_bases(min_dim: int, r: int, convention: str = "paper") -> int:
@@ -119,15 +171,6 @@ def draw_bank(max_dim: int, min_dim: int, config: RandLoraConfig) -> tuple[torch
     return _unit_std(a), _unit_std(b).reshape(max_dim, n * r)
 
 
-class RandLoraBank(nn.Module):
-    """The shared frozen A (r, bank m) and flat B (bank M, bank n·r), non-persistent buffers."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        super().__init__()
-        self.register_buffer("A", a, persistent=False)
-        self.register_buffer("B", b, persistent=False)
-
-
 class _ScaledA(torch.autograd.Function):
     """rows[k·n + i] = Λ[i, k] · A[k] ⊙ Γ[i]: (n·r, m), saving only its inputs for backward."""
 
@@ -155,9 +198,11 @@ class _ScaledA(torch.autograd.Function):
     formula="n·(r + min(d_in, d_out)), n = ⌊min(d_in, d_out) / r⌋ + 1 (⌈min/r⌉ with convention=peft)",
     kinds=("linear", "conv1d"),
 )
-class RandLoraDelta(Delta):
-    def __init__(self, geometry: Geometry, config: RandLoraConfig, *, bank: RandLoraBank | None = None,
-                 layer: int = 0):
+class RandLoraDelta(LowRankDelta):
+    """Forward, merge (``delta_weight``) and ``as_lora`` are LowRankDelta's, on :meth:`factors`;
+    dropout (``self.drop``) acts on the adapter's input, as the authors' code and PEFT."""
+
+    def __init__(self, geometry: Geometry, config: RandLoraConfig, *, bank: Bank | None = None, layer: int = 0):
         if bank is None:  # built alone (not through adapt): a bank for this layer only
             bank = self.make_bank([geometry], config)
         super().__init__(geometry, config, bank=bank, layer=layer)
@@ -166,20 +211,21 @@ class RandLoraDelta(Delta):
         self.min_dim, self.max_dim = min(self.d_in, self.d_out), max(self.d_in, self.d_out)
         self.a_on_input = self.d_in <= self.d_out  # A (and Γ) act on the smaller side, as PEFT
         self.n = num_bases(self.min_dim, config.r, config.convention)
-        self.scaling = config.alpha_value / config.r / (math.sqrt(self.n) if config.convention == "paper" else 1.0)
+        self.scaling = config.scaling(self.n)
+        # Λ = 0, Γ = 1 / max(n, m): NLG/loralib/randlora_layers.py lines 149-150
         self.Lambda = nn.Parameter(torch.zeros(self.n, config.r, dtype=dtype, device=w.device))
         self.Gamma = nn.Parameter(torch.full((self.n, self.min_dim), 1.0 / max(self.n, self.min_dim),
                                              dtype=dtype, device=w.device))
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     @classmethod
-    def make_bank(cls, geometries: list[Geometry], config: RandLoraConfig) -> RandLoraBank:
+    def make_bank(cls, geometries: list[Geometry], config: RandLoraConfig) -> Bank:
         d_in = max(g.d_in for g in geometries)
         d_out = max(g.d_out for g in geometries)
         a, b = draw_bank(max(d_in, d_out), min(d_in, d_out), config)
         w = geometries[0].weight
         dtype = adapter_dtype(w)
-        return RandLoraBank(a.to(w.device, dtype), b.to(w.device, dtype))
+        return Bank(A=a.to(w.device, dtype), B=b.to(w.device, dtype))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (k, d_in), up (d_out, k)), k = n·r, with ΔW = s · up @ down."""
@@ -188,24 +234,6 @@ class RandLoraDelta(Delta):
         b = self.bank.B[: self.max_dim, : self.n * self.config.r].to(dtype)
         scaled = _ScaledA.apply(a, self.Lambda, self.Gamma)  # (n·r, m)
         return (scaled, b) if self.a_on_input else (b.T, scaled.T)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        down, up = self.factors()
-        x = x.to(down.dtype)
-        if self.drop is not None:
-            x = self.drop(x)
-        out = g.project_out(g.project_in(x, down), up) * self.scaling
-        return base_out + out.to(base_out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        down, up = self.factors()
-        dtype = adapter_dtype(down)
-        return self.scaling * (up.to(dtype) @ down.to(dtype))
-
-    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        down, up = self.factors()
-        return down.detach(), up.detach(), self.scaling
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {"Gamma": self.Gamma.detach(), "Lambda": self.Lambda.detach()}
