@@ -25,6 +25,7 @@ import typer
 
 from . import __version__
 from .errors import ParetuneError
+from .units import human_bytes
 
 app = typer.Typer(
     name="paretune",
@@ -136,7 +137,7 @@ def _tensor_summary(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _paretune_info(path: Path) -> dict[str, Any]:
-    from .core.io import WEIGHTS_FILE, read_meta, read_tensors
+    from .io import WEIGHTS_FILE, read_meta, read_tensors
 
     meta = read_meta(path)
     tensors = read_tensors(path)
@@ -163,13 +164,11 @@ def _paretune_info(path: Path) -> dict[str, Any]:
 
 
 def _peft_info(path: Path) -> dict[str, Any]:
-    from .core.peft_io import PEFT_CONFIG, PEFT_WEIGHTS
+    from .core.jsonfile import read_json
+    from .peft_io import PEFT_CONFIG, PEFT_WEIGHTS
 
     cfg_file = path / PEFT_CONFIG
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ParetuneError(f"{cfg_file} is corrupt (not valid JSON: {e}).") from None
+    cfg = read_json(cfg_file, what="PEFT adapter config")
     if not isinstance(cfg, dict):
         raise ParetuneError(f"{cfg_file} is not a PEFT adapter config (not a JSON object).")
     info: dict[str, Any] = {
@@ -201,14 +200,6 @@ def _peft_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @app.command("info")
 @guarded
 def info_command(
@@ -217,8 +208,8 @@ def info_command(
     show: int = typer.Option(5, "--show", help="How many target module names to list."),
 ) -> None:
     """Describe an adapter folder: method, options, targets, trainable parameters, bytes, base."""
-    from .core.io import CONFIG_FILE, WEIGHTS_FILE
-    from .core.peft_io import PEFT_CONFIG
+    from .io import CONFIG_FILE, WEIGHTS_FILE
+    from .peft_io import PEFT_CONFIG
 
     if not path.exists():
         raise ParetuneError(f"{path} does not exist; give an adapter folder written by paretune.save.")
@@ -247,7 +238,7 @@ def info_command(
     if "trainable" in info:
         lines.append(f"trainable:   {info['trainable']:,} parameters in {info['tensors']} tensors "
                      f"({', '.join(info['dtypes'])})")
-        lines.append(f"stored:      {info['stored_bytes']:,} bytes of tensors ({_human(info['stored_bytes'])}); "
+        lines.append(f"stored:      {info['stored_bytes']:,} bytes of tensors ({human_bytes(info['stored_bytes'])}); "
                      f"file {info['file_bytes']:,} bytes")
     else:
         lines.append(f"weights:     {info['weights']}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import paretune
+from paretune.bench import tuning
 from paretune.bench.budget import (BudgetError, budgets_for_knob_values, knob_of, layer_shapes, match_budget,
                                    plan_budget, trainable_count)
 from paretune.core import registry
@@ -84,8 +85,8 @@ class ScaleConfig(AdapterConfig):
 class ScaleDelta(Delta):
     """Output scaling (IA3-like), d_out trainable numbers per layer; no size knob."""
 
-    def __init__(self, geometry, config):
-        super().__init__(geometry, config)
+    def __init__(self, geometry, config, **context):  # context: bank, layer (the Delta contract)
+        super().__init__(geometry, config, **context)
         self.s = torch.nn.Parameter(torch.full((self.d_out,), config.init))
 
     def forward(self, x, base_out):
@@ -99,7 +100,7 @@ class ScaleDelta(Delta):
 @dataclasses.dataclass
 class BlocksConfig(AdapterConfig):
     blocks: int = 1
-    r: int = 99  # not the knob: budget_option says so
+    r: int = 99  # not the knob: its bench tuning says so
 
 
 class BlocksDelta(Delta):
@@ -113,12 +114,12 @@ def extra_methods(monkeypatch):
     registry.get("lora")  # load the built-ins first
     specs = {
         "scale": registry.MethodSpec("scale", ScaleConfig, ScaleDelta, "test", "d_out", ("linear",)),
-        "blocks": registry.MethodSpec("blocks", BlocksConfig, BlocksDelta, "test", "blocks·d_out", ("linear",),
-                                      budget_option="blocks", budget_max=64),
+        "blocks": registry.MethodSpec("blocks", BlocksConfig, BlocksDelta, "test", "blocks·d_out", ("linear",)),
         "convonly": registry.MethodSpec("convonly", ScaleConfig, ScaleDelta, "test", "d_out", ("conv2d",)),
     }
     for name, spec in specs.items():
         monkeypatch.setitem(registry._METHODS, name, spec)
+    monkeypatch.setitem(tuning.TUNING, "blocks", tuning.BenchTuning(knob="blocks", knob_max=64))
     return specs
 
 
@@ -132,12 +133,19 @@ def test_method_without_knob(make_bert, extra_methods):
     assert paretune.count(model)["trainable"] == m.trainable
 
 
-def test_budget_option_attribute(make_bert, extra_methods):
+def test_knob_from_bench_tuning(make_bert, extra_methods):
     model = make_bert()
     assert knob_of(extra_methods["blocks"]) == "blocks"
     assert knob_of(registry.get("lora")) == "r"
     per_block = sum(n * d_out for (d_out, _), n in layer_shapes(model, "blocks").items())
     assert match_budget(model, "blocks", 3 * per_block + 1) == {"blocks": 3}
+
+
+def test_bench_tuning_of_the_built_in_methods():
+    assert set(tuning.TUNING) <= set(registry.all_methods())
+    assert knob_of(registry.get("kronecker")) == "factor" and tuning.tuning_of("kronecker").knob_max == 128
+    assert knob_of(registry.get("nola")) == "k" and tuning.tuning_of("nola").knob_max == 8192
+    assert tuning.tuning_of("lora") == tuning.BenchTuning()
 
 
 def test_kind_mismatch_is_a_target_error(make_bert, extra_methods):

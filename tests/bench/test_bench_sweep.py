@@ -10,6 +10,7 @@ from paretune.bench import sweep
 from paretune.bench.budget import layer_shapes
 from paretune.bench.store import Store
 from paretune.bench.sweep import DEFAULT_LR, RunSpec, plan_runs, run_sweep
+from paretune.bench.tuning import tuning_of
 from paretune.core import registry
 from paretune.errors import ParetuneError
 
@@ -209,5 +210,5 @@ def test_head_lr_and_max_eval_are_part_of_a_run():
 
 
 def test_a_method_can_carry_its_own_bench_lr():
-    assert sweep.default_lr("vera") == registry.get("vera").default_lr == 1e-2
+    assert sweep.default_lr("vera") == tuning_of("vera").lr == 1e-2
     assert sweep.default_lr("lora") == DEFAULT_LR["adapter"]

@@ -1,14 +1,15 @@
 """Budget matching: the size knob of a method that makes its trainable count closest to a budget.
 
-A method's *knob* is the one integer config option that sets its size: ``spec.budget_option``
-when the method declares one, else ``r`` when its config has an ``r`` field (LoRA, PiSSA), else
-none (a method of fixed size: its count is what it is, whatever the budget).
+A method's *knob* is the one integer config option that sets its size: the ``knob`` of its
+bench tuning (:mod:`paretune.bench.tuning`) when it has one, else ``r`` when its config has an
+``r`` field (LoRA, PiSSA), else none (a method of fixed size: its count is what it is, whatever
+the budget).
 
 The count is the method's own formula (``delta_cls.trainable_formula``) summed over the layers
 the targets select, so nothing is built: matching a budget on a 135M-parameter model takes
 milliseconds. Layers are grouped by shape, and every knob value from 1 to the smallest
-``min(d_out, d_in)`` of the targeted layers (or the method's ``budget_max``) is scanned (no monotonicity is assumed); ties go to
-the smaller value.
+``min(d_out, d_in)`` of the targeted layers (or the tuning's ``knob_max``) is scanned (no
+monotonicity is assumed); ties go to the smaller value.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..core import registry
 from ..core.geometry import geometry_for
 from ..core.inject import Targets, match_targets
 from ..errors import ParetuneError
+from .tuning import tuning_of
 
 
 class BudgetError(ParetuneError):
@@ -40,7 +42,7 @@ class BudgetMatch:
 
 def knob_of(spec: registry.MethodSpec) -> str | None:
     """The integer option that sets a method's size, or None if it has none."""
-    return getattr(spec, "budget_option", None) or ("r" if "r" in spec.config_cls.options() else None)
+    return tuning_of(spec.name).knob or ("r" if "r" in spec.config_cls.options() else None)
 
 
 def layer_shapes(model: nn.Module, method: str, targets: Targets = None) -> Counter:
@@ -85,7 +87,7 @@ def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targ
         raise BudgetError(f"budget={budget!r} is invalid; give a number of trainable parameters >= 1.")
     if knob in base:
         raise BudgetError(f"{method}: option {knob!r} is what the budget sets; do not fix it as well.")
-    top = spec.budget_max or min(min(shape) for shape in shapes)
+    top = tuning_of(spec.name).knob_max or min(min(shape) for shape in shapes)
     best: tuple[int, int] | None = None  # (count, value)
     low = high = None
     errors: list[str] = []

@@ -15,14 +15,15 @@ import html
 import io
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.atomic import atomic_write_text
+from ..train.trainer import BASELINES
+from ..units import human_bytes
 
-BASELINE_MARKERS = {"head": "s", "full": "D"}
+BASELINE_MARKERS = {"head": "s", "full": "D"}  # a plot marker for each of BASELINES
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -73,7 +74,7 @@ class Row:
 
     @property
     def baseline(self) -> bool:
-        return self.method in BASELINE_MARKERS
+        return self.method in BASELINES
 
 
 @dataclasses.dataclass
@@ -140,16 +141,6 @@ def summarize(all_runs: list[dict[str, Any]], model: str | None = None, task: st
 
 # -- text -----------------------------------------------------------------------------------
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _pareto_mark(r: Row) -> str:
     return "+".join(m for m, on in (("params", r.pareto_params), ("bytes", r.pareto_bytes)) if on)
 
@@ -209,8 +200,8 @@ def plot_png(s: Summary) -> bytes:
 
     fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)
-    styles = method_styles([r["method"] for r in s.runs if r["method"] not in BASELINE_MARKERS])
-    styles.update({m: (BASELINE_COLORS.get(m, "gray"), marker) for m, marker in BASELINE_MARKERS.items()})
+    styles = method_styles([r["method"] for r in s.runs if r["method"] not in BASELINES])
+    styles.update({m: (BASELINE_COLORS.get(m, "gray"), BASELINE_MARKERS[m]) for m in BASELINES})
     panels = (("trainable", "pareto_params", "trainable parameters"), ("stored_bytes", "pareto_bytes", "stored bytes"))
     for ax, (attr, flag, xlabel) in zip(axes, panels):
         labelled: set[str] = set()
@@ -219,7 +210,7 @@ def plot_png(s: Summary) -> bytes:
             if x is None or y is None or x <= 0 or math.isnan(y):
                 continue
             m = r["method"]
-            base = m in BASELINE_MARKERS
+            base = m in BASELINES
             color, marker = styles[m]
             ax.scatter([x], [y], color=color, marker=marker, s=70 if base else 40,
                        edgecolors="black" if base else "none", linewidths=1.2, zorder=3, alpha=0.9,
@@ -330,13 +321,6 @@ def render_html(s: Summary, png: bytes | None, notes: Sequence[str] = ()) -> str
     return "\n".join(parts) + "\n"
 
 
-def _readable(path: Path) -> None:
-    """Give a file the usual mode (0666 less the umask): a temporary file is created 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -366,5 +350,4 @@ def write_report(all_runs: list[dict[str, Any]], out: str | Path, *, model: str 
         (out / "pareto.png").unlink()
     html_path = out / "report.html"
     atomic_write_text(html_path, render_html(s, png, notes))
-    _readable(html_path)
     return ReportFiles(png_path, html_path, format_table(s), s)

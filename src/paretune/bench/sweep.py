@@ -31,14 +31,15 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..core import registry
+from ..core.jsonfile import read_json
 from ..errors import ParetuneError, TargetError
+from ..train.trainer import BASELINES
 from .budget import BudgetError, knob_of, plan_budget
 from .store import Store, environment
-
-BASELINES = ("head", "full")
+from .tuning import tuning_of
 
 # Default peak learning rate per method ("adapter": any registered method not listed; a method
-# may also carry its own ``default_lr`` on its registry spec). Chosen for short runs (~150 steps
+# may also have its own ``lr`` in paretune.bench.tuning). Chosen for short runs (~150 steps
 # of batch 32) on the small bundled models; --lr overrides them all. On a classification task the
 # task head, common to every run, trains at the "head" rate in every run (the head-only baseline's
 # rate), so that differences between methods come from the methods, not from their head's rate.
@@ -58,10 +59,7 @@ Runner = Callable[[list], "subprocess.CompletedProcess"]
 
 
 def default_lr(method: str) -> float:
-    spec_lr = None
-    if method not in BASELINES:
-        spec_lr = getattr(registry.get(method), "default_lr", None)
-    return float(spec_lr or DEFAULT_LR.get(method, DEFAULT_LR["adapter"]))
+    return float(tuning_of(method).lr or DEFAULT_LR.get(method, DEFAULT_LR["adapter"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,12 +225,7 @@ def _tail(text: str | bytes | None, n: int = STDERR_TAIL) -> str:
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     """The run's metrics.json, checked for what the report needs; ParetuneError if unusable."""
     path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise ParetuneError(f"the run exited 0 but wrote no {path}")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ParetuneError(f"{path} is not valid JSON ({e})") from None
+    metrics = read_json(path, what="the run's metrics", hint="The run exited 0 but wrote no usable metrics.")
     if not isinstance(metrics, dict):
         raise ParetuneError(f"{path} is not a JSON object")
     name = metrics.get("metric")

@@ -22,6 +22,7 @@ import math
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -35,7 +36,7 @@ from .batching import Encoded, collate, encode, summed_loss
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import lr_factor
 
-BASELINES = ("full", "head")
+BASELINES = ("head", "full")  # the task head alone, full fine-tuning; the bench runs and lists them in this order
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ def evaluate(model: nn.Module, enc: Encoded, pad_id: int, device: torch.device, 
         for start in range(0, len(enc), batch_size):
             rows = list(range(start, min(start + batch_size, len(enc))))
             batch = collate(enc, rows, pad_id, device)
-            with autocast() if autocast else _null():
+            with autocast() if autocast else nullcontext():
                 loss, correct = summed_loss(model, batch, enc.kind)
             total_loss += float(loss)
             units += enc.loss_units(rows)
@@ -149,14 +150,6 @@ def evaluate(model: nn.Module, enc: Encoded, pad_id: int, device: torch.device, 
         model.train(was_training)
     name = "accuracy" if enc.kind == "classification" else "exact_match"
     return {"eval_loss": total_loss / max(1, units), name: right / max(1, len(enc))}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def train(
@@ -239,7 +232,7 @@ def train(
         start_step, history = state["step"], state["history"]
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
-    deltas = [d for _, h in hosts(raw) for n, d in h.deltas.items() if n in h.active and hasattr(d, "on_step")]
+    deltas = [d for _, h in hosts(raw) for d in h.active_deltas()]  # on_step: schedules over training
     for d in deltas if start_step else ():  # a resumed run: schedules pick up where they were
         d.on_step(start_step, steps)
     if cuda:
@@ -266,7 +259,7 @@ def train(
             part = mine[k * micro:(k + 1) * micro]
             batch = collate(enc, part, pad_id, acc.device)
             sync = k == grad_accum - 1
-            with (acc.no_sync(model) if not sync and world > 1 else _null()), acc.autocast():
+            with (acc.no_sync(model) if not sync and world > 1 else nullcontext()), acc.autocast():
                 loss_sum, _ = summed_loss(model, batch, enc.kind)
                 loss = loss_sum / units * world
             acc.backward(loss)

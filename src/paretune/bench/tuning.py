@@ -1,0 +1,35 @@
+"""The bench's per-method tuning: which option sets a method's size, how far to scan it, and the
+learning rate a method trains at by default. Bench settings, not the method's: the core's
+registry knows nothing of them. A method not listed gets :class:`BenchTuning`'s defaults (knob
+``r`` when its config has one, scanned up to the smallest ``min(d_out, d_in)``; the bench's
+adapter learning rate)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchTuning:
+    knob: str | None = None  # the integer option that sets the method's size (None: r if it has one)
+    knob_max: int | None = None  # largest value of the knob worth trying (None: min(d_out, d_in))
+    lr: float | None = None  # the bench's peak learning rate for the method (None: the adapter rate)
+
+
+TUNING: dict[str, BenchTuning] = {
+    # NOLA's size is k + l coefficients per layer, whatever the layer's shape, so min(d_out, d_in)
+    # bounds nothing: k, the number of A-basis coefficients, is scanned up to 8192.
+    "nola": BenchTuning(knob="k", knob_max=8192),
+    # Kronecker's shapes set its size (A about factor x factor, B the rest: count about
+    # factor^2 + d_out*d_in/factor^2, smallest near factor = sqrt(d)); factors past the square root
+    # of the widest layer only mirror smaller ones, and 128 covers layers 16384 wide. r is not the
+    # knob: with the default split it moves the count by at most about 2x.
+    "kronecker": BenchTuning(knob="factor", knob_max=128),
+    # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
+    "vera": BenchTuning(lr=1e-2),
+}
+
+
+def tuning_of(method: str) -> BenchTuning:
+    """The bench tuning of a registered method's name (the defaults when it has none of its own)."""
+    return TUNING.get(method, BenchTuning())
