@@ -8,8 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import methods as _methods_package  # noqa: E402,F401  (registers the built-in methods;
-# the function ``methods`` below then takes the name ``paretune.methods``)
+from . import methods  # noqa: E402,F401  (importing the package registers the built-in methods)
 from .api import active, adapt, adapters, merge, per_sample, remove, set_active, unload, unmerge  # noqa: E402
 from .core.accounting import count  # noqa: E402
 from .io import hot_swap, load, save  # noqa: E402
@@ -18,20 +17,21 @@ from .core.registry import all_methods  # noqa: E402
 from .errors import AdapterFileError, ConfigError, ParetuneError, TargetError  # noqa: E402
 
 
-def methods() -> dict[str, str]:
-    """Every registered method: name -> one-line summary with its trainable-parameter formula."""
+def list_methods() -> dict[str, str]:
+    """Every registered method: name -> one-line summary with its trainable-parameter formula
+    (what ``paretune methods`` prints)."""
     return {name: f"{spec.summary}; trainable per layer = {spec.formula}" for name, spec in all_methods().items()}
 
 
 def train(*args, **kwargs):
-    """Fine-tune an adapted model (see :func:`paretune.train.trainer.train`)."""
-    from .train import train as _train
+    """Fine-tune an adapted model (see :func:`paretune.training.trainer.train`)."""
+    from .training import train as _train
 
     return _train(*args, **kwargs)
 
 
 __all__ = [
-    "adapt", "methods", "count", "set_active", "active", "adapters", "merge", "unmerge", "unload", "remove",
+    "adapt", "list_methods", "count", "set_active", "active", "adapters", "merge", "unmerge", "unload", "remove",
     "save", "load", "hot_swap", "export_peft", "import_peft", "per_sample", "train",
     "ParetuneError", "ConfigError", "TargetError", "AdapterFileError", "__version__",
 ]

@@ -55,6 +55,7 @@ def adapt(
         bank = spec.delta_cls.make_bank([h.geometry for h in targets_hosts], config)
         for layer, host in enumerate(targets_hosts):
             delta = spec.delta_cls(host.geometry, config, bank=bank, layer=layer)
+            delta.train(host.base.training)  # a model in eval mode gets its adapter in eval mode (no dropout)
             built.append((host, delta))
             host.add(name, delta)
     except Exception:

@@ -3,7 +3,7 @@
     paretune methods [--options]     every method, its summary and trainable-parameter formula
     paretune models                  the bundled real models and whether they are installed
     paretune info DIR [--json]       what an adapter folder (paretune or PEFT LoRA) holds
-    paretune train ...               fine-tune a model with one method (paretune.train.cli)
+    paretune train ...               fine-tune a model with one method (paretune.training.cli)
     paretune bench ...               sweeps and Pareto reports (paretune.bench.cli)
     paretune --version
 
@@ -286,7 +286,7 @@ def _register_stub(name: str, reason: str) -> None:
     )(stub)
 
 
-_register_external("train", "train.cli", "train_command")
+_register_external("train", "training.cli", "train_command")
 _register_external("bench", "bench.cli", "bench_command")
 
 

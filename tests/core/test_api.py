@@ -222,3 +222,19 @@ def test_outputs_start_equal_to_the_base(make_llama, ids):
     torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=1e-4)
     assert not isinstance(model.lm_head, Host)  # all-linear leaves the output head alone
     assert list(model.model.layers[0].self_attn.o_proj.deltas) == ["default", "p"]
+
+
+def test_an_adapter_takes_the_mode_of_the_model_it_joins(make_llama, perturb, ids):
+    """adapt() on a model in eval mode gives eval-mode deltas: no dropout until model.train()."""
+    model = make_llama()
+    model.eval()
+    paretune.adapt(model, "lora", r=2, dropout=0.5)
+    perturb(model)
+    deltas = [h.deltas["default"] for h in model.modules() if isinstance(h, Host)]
+    assert deltas and not any(d.training for d in deltas)
+    torch.testing.assert_close(_logits(model, ids), _logits(model, ids), atol=0, rtol=0)
+    model.train()
+    assert all(d.training for d in deltas)
+    torch.manual_seed(0)
+    first = _logits(model, ids)
+    assert not torch.allclose(first, _logits(model, ids))  # dropout draws anew

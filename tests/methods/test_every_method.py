@@ -22,7 +22,7 @@ from paretune.errors import ParetuneError
 
 from docs_example import DOCS_EXAMPLE, docs_example_registered
 
-BUILTIN = sorted(paretune.methods())
+BUILTIN = sorted(paretune.list_methods())
 # every built-in method, and the worked example of docs/adding-a-method.md (registered while its
 # tests run, by the fixture in conftest.py)
 METHODS = BUILTIN + [DOCS_EXAMPLE]
@@ -131,16 +131,16 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 # -- tests ------------------------------------------------------------------------------------
 
 def test_the_docs_example_registers_for_its_tests_only():
-    assert DOCS_EXAMPLE not in paretune.methods()
+    assert DOCS_EXAMPLE not in paretune.list_methods()
     with docs_example_registered():
         spec = registry.get(DOCS_EXAMPLE)
         assert spec.formula == "r·d_out" and issubclass(spec.delta_cls, paretune.core.LowRankDelta)
-    assert DOCS_EXAMPLE not in paretune.methods()
+    assert DOCS_EXAMPLE not in paretune.list_methods()
 
 
 def test_every_method_is_listed_with_its_formula():
     assert BUILTIN, "no method registered"
-    for name, line in paretune.methods().items():
+    for name, line in paretune.list_methods().items():
         spec = registry.get(name)
         assert spec.summary and spec.formula in line and "trainable per layer" in line
         assert spec.delta_cls.method == name and spec.config_cls.method == name
@@ -323,6 +323,7 @@ def test_float64_model_round_trips_at_float64_precision(method):
     original = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8)).double()
     model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8)).double()
     model.load_state_dict(original.state_dict())
+    model.eval()
     paretune.adapt(model, method, **small_options(method))
     perturb(model)
     x = torch.randn(4, 16, dtype=torch.float64)

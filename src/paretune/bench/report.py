@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.atomic import atomic_write_text
-from ..train.trainer import BASELINES
+from ..training.trainer import BASELINES
 from ..units import human_bytes
 
 BASELINE_MARKERS = {"head": "s", "full": "D"}  # a plot marker for each of BASELINES

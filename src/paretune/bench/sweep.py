@@ -33,7 +33,7 @@ from torch import nn
 from ..core import registry
 from ..core.jsonfile import read_json
 from ..errors import ParetuneError, TargetError
-from ..train.trainer import BASELINES
+from ..training.trainer import BASELINES
 from .budget import BudgetError, knob_of, plan_budget
 from .store import Store, environment
 from .tuning import tuning_of

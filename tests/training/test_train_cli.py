@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from paretune.errors import ParetuneError
-from paretune.train.cli import parse_options, run_training
+from paretune.training.cli import parse_options, run_training
 
 
 def test_parse_options():

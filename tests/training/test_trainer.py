@@ -8,9 +8,9 @@ import torch
 
 import paretune
 from paretune.errors import ParetuneError
-from paretune.train import train
-from paretune.train.batching import collate, encode
-from paretune.train.trainer import evaluate
+from paretune.training import train
+from paretune.training.batching import collate, encode
+from paretune.training.trainer import evaluate
 from paretune.data import load_data
 
 HERE = Path(__file__).parent
