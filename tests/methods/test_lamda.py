@@ -309,6 +309,38 @@ def test_svd_init_reloads_exactly_whatever_the_load_time_svd_returns(tmp_path, m
     torch.testing.assert_close(fresh(llama_batch).logits, want, atol=0, rtol=0)
 
 
+def test_a_file_saved_before_a_was_stored_loads_as_it_was_trained(tmp_path, make_llama, llama_batch):
+    """Files of the earlier LaMDA (SVD init, linear schedule, no dropout; B and S saved, A recomputed
+    from the SVD as LAPACK returns it) still load with the A they were trained against."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = make_llama()
+    paretune.adapt(model, "lamda", r=4, init="svd", schedule="linear", dropout=0.0, targets=["q_proj"])
+    with torch.no_grad():
+        for d in _deltas(model):  # the earlier init: raw LAPACK signs, S = 0, then some training
+            u, _, vh = lamda_mod._svd(d.geometry.matrix())
+            d.A.copy_(vh[:4])
+            d.B.copy_(u[:, :4] + 0.1 * torch.randn_like(d.B))
+            d.S.normal_(0, 0.3)
+        want = model(llama_batch).logits
+    paretune.save(model, tmp_path / "old")
+    meta_file = tmp_path / "old" / "paretune.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"] = {k: meta["config"][k] for k in ("r", "alpha", "freeze_fraction", "rank_allocation")}
+    meta_file.write_text(json.dumps(meta))
+    tensors = load_file(tmp_path / "old" / "adapter.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".A")}, tmp_path / "old" / "adapter.safetensors")
+
+    with pytest.warns(UserWarning, match="saved without its A"):
+        fresh = paretune.load(make_llama(), tmp_path / "old")
+    cfg = paretune.adapters(fresh)["default"].config
+    assert (cfg.init, cfg.schedule, cfg.dropout) == ("svd", "linear", 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(llama_batch).logits, want, atol=1e-5, rtol=0)
+
+
 # -- LaMDA++ -------------------------------------------------------------------------------------
 
 def test_energy_ranks_split_the_total_by_spectrum_energy():

@@ -79,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -118,6 +119,14 @@ class LamdaConfig(AdapterConfig):
                       "it must be in [0, 1] (the share of training steps over which B is frozen)")
         self._one_of("rank_allocation", ("uniform", "energy"))
         self._seed("seed")
+
+    @classmethod
+    def upgrade(cls, saved: dict) -> dict:
+        """A config saved before the reference defaults (it has no ``init``) was trained with the
+        SVD init, the linear schedule and no dropout: load it so."""
+        if "init" in saved:
+            return saved
+        return {**saved, "init": "svd", "schedule": "linear", "dropout": 0.0}
 
 
 def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,9 +264,24 @@ class LamdaDelta(LowRankDelta):
             state["A_row_sums"] = self._a_row_sums()
         return state
 
+    def _legacy(self, state: dict[str, torch.Tensor]) -> bool:
+        """A file of the SVD init saved before A was stored (it holds B and S only)."""
+        return self.config.init == "svd" and set(state) == {"B", "S"}
+
+    def check_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        if self._legacy(state):
+            state = {**state, "A": self.A}
+        super().check_stored(state, where)
+
     @torch.no_grad()
     def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
         self.check_stored(state, where)
+        if self._legacy(state):
+            # as that version did: A = V_rᵀ of this machine's SVD, signs as LAPACK returns them
+            warnings.warn(f"{where or 'a module'}: this LaMDA adapter was saved without its A; A is recomputed "
+                          "from the base's SVD, exact only where the SVD returns the signs it had when saved. "
+                          "Save it again to store A.", stacklevel=2)
+            self.A.copy_(_svd(self.geometry.matrix())[2][: self.A.shape[0]].to(self.A.dtype))
         if "A_row_sums" in state:
             have, want = self._a_row_sums(), state["A_row_sums"].to(torch.float64).to(self.A.device)
             gap = float((have - want).abs().max())
