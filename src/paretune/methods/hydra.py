@@ -27,7 +27,7 @@ In eval mode (or with dropout 0) both branches are linear, so Hydra merges exact
 Trainable per layer: r(d_in + d_out) + r + d_out (parallel) + 2r·d_out + r + d_out
 (sequential) = r(d_in + 3·d_out) + 2r + 2·d_out. ``bias=False`` drops the four branch biases
 (a choice not in the paper, for bias-free models such as Llama; the default keeps them).
-Merging into a base without a bias gives it one (see ``Host.add_to_bias``).
+Merging into a base without a bias gives it one (see ``Host.merge``).
 
 Because ΔW depends on W₀, unmerge recovers W₀ from the merged W = (I + s·U_s D_s) W₀ + s·U_p D_p
 with the Woodbury identity (a rank-r solve, no copy of W₀ kept), and adapters merged on the same
