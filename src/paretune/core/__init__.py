@@ -3,7 +3,7 @@ per-sample serving, accounting. It imports nothing from the rest of paretune but
 
 What a method author needs (see docs/adding-a-method.md)::
 
-    from paretune.core import AdapterConfig, Bank, Delta, Geometry, LowRankDelta, adapter_dtype, register
+    from paretune.core import AdapterConfig, Bank, Delta, Geometry, LowRankDelta, SparseDelta, adapter_dtype, register
 """
 
 from .bank import Bank
@@ -13,5 +13,6 @@ from .dtypes import adapter_dtype
 from .geometry import Geometry
 from .lowrank import LowRankDelta
 from .registry import register, unregister
+from .sparse import SparseDelta
 
-__all__ = ["AdapterConfig", "Bank", "Delta", "Geometry", "LowRankDelta", "adapter_dtype", "register", "unregister"]
+__all__ = ["AdapterConfig", "Bank", "Delta", "Geometry", "LowRankDelta", "SparseDelta", "adapter_dtype", "register", "unregister"]

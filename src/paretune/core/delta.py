@@ -43,6 +43,8 @@ class Delta(nn.Module):
       ``base_out`` is exactly the frozen base's W₀x + b₀ (default :meth:`forward`; Hydra reuses
       it for its sequential branch);
     * :meth:`delta_bias`: the change of the bias on merge (default None);
+    * :meth:`sparse_delta`: ``(rows, cols, values)`` when ΔW is non-zero at a few positions only,
+      so merge and unmerge write only those entries (default None; SparseDelta has it);
     * :meth:`on_step` ``(step, total)``: called by the trainer after each optimizer step (default
       nothing; LaMDA freezes B by it);
     * with ``shifts_base = True``: :meth:`unshift` and :meth:`restore_base`, for a delta whose
@@ -101,6 +103,11 @@ class Delta(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         """Called by the trainer after optimizer step ``step`` of ``total`` (and once with the
         starting step when a run resumes), for schedules over training. Default: nothing."""
+
+    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(rows, cols, values) with ΔW[rows, cols] = values and zero elsewhere, for a merge that
+        writes only those entries of W; None (the default) for a dense ΔW."""
+        return None
 
     def delta_bias(self) -> torch.Tensor | None:
         """Change of the base bias when merged (most methods: none)."""

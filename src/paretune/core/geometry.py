@@ -69,6 +69,15 @@ class Geometry:
         new = w.to(dtype) + sign * self.to_native(delta.to(dtype))
         w.copy_(new.to(w.dtype))
 
+    @torch.no_grad()
+    def add_at(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sign: float = 1.0) -> None:
+        """W[rows, cols] += sign * values in the (d_out, d_in) view, touching only those entries
+        (computed in float32, or float64 for a float64 weight; positions must be unique)."""
+        m = self.matrix()
+        dtype = torch.promote_types(m.dtype, torch.float32)
+        rows, cols = rows.to(m.device), cols.to(m.device)
+        m[rows, cols] = (m[rows, cols].to(dtype) + sign * values.to(m.device, dtype)).to(m.dtype)
+
     # ops -----------------------------------------------------------------------------------
     def project_in(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Apply a (k, d_in) matrix to the input as the base op would: a k-channel output."""

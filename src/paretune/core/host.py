@@ -102,7 +102,11 @@ class Host(nn.Module):
     def merge(self, name: str) -> None:
         """W += ΔW (and b += Δb) of delta ``name``."""
         delta = self.deltas[name]
-        self.geometry.add_to_weight(delta.delta_weight())
+        sparse = delta.sparse_delta()
+        if sparse is not None:  # only the entries ΔW has
+            self.geometry.add_at(*sparse)
+        else:
+            self.geometry.add_to_weight(delta.delta_weight())
         db = delta.delta_bias()
         if db is not None:
             self._add_to_bias(db, 1.0)
@@ -111,8 +115,14 @@ class Host(nn.Module):
     def unmerge(self, name: str, *, last: bool) -> None:
         """Take delta ``name`` back out of the base; ``last``: no other adapter stays merged here
         (then a bias that merging gave a bias-free base is removed again)."""
-        dw, db = self.deltas[name].merged_deltas()
-        self.geometry.add_to_weight(dw, sign=-1.0)
+        delta = self.deltas[name]
+        sparse = None if delta.depends_on_base else delta.sparse_delta()
+        if sparse is not None:
+            self.geometry.add_at(*sparse, sign=-1.0)
+            db = delta.delta_bias()
+        else:
+            dw, db = delta.merged_deltas()
+            self.geometry.add_to_weight(dw, sign=-1.0)
         if db is not None:
             self._add_to_bias(db, -1.0)
         if last and self.made_bias:
