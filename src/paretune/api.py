@@ -47,7 +47,8 @@ def adapt(
             f"paretune.remove(model, {name!r}) first."
         )
     names = match_targets(model, targets, spec.kinds, spec.name)
-    for p in model.parameters():
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in trainable:
         p.requires_grad_(False)
     built: list[tuple[Host, nn.Module]] = []
     try:
@@ -67,6 +68,8 @@ def adapt(
                 unwrap(model, module_name)
         if not st.adapters:
             drop_state(model)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
         raise
     st.adapters[name] = AdapterRecord(name, spec.name, config, names)
     st.set_active([*st.active, name])

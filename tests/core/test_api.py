@@ -238,3 +238,19 @@ def test_an_adapter_takes_the_mode_of_the_model_it_joins(make_llama, perturb, id
     torch.manual_seed(0)
     first = _logits(model, ids)
     assert not torch.allclose(first, _logits(model, ids))  # dropout draws anew
+
+
+def test_a_failed_adapt_leaves_the_model_as_it_was():
+    from torch import nn
+
+    from paretune.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[1].weight.requires_grad_(False)  # the user's own choice of what trains
+    flags = [p.requires_grad for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match="exceeds"):
+        paretune.adapt(model, "pissa", r=6)  # fits the first layer, not the second
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert not any(isinstance(m, Host) for m in model.modules()) and paretune.adapters(model) == {}

@@ -25,6 +25,18 @@ TUNING: dict[str, BenchTuning] = {
     # of the widest layer only mirror smaller ones, and 128 covers layers 16384 wide. r is not the
     # knob: with the default split it moves the count by at most about 2x.
     "kronecker": BenchTuning(knob="factor", knob_max=128),
+    # FourierFT trains n_frequency spectral coefficients per layer whatever its shape (37 layers of
+    # MiniLM-L6 at n = 1892 give 70,004); scanned up to 8192.
+    "fourierft": BenchTuning(knob="n_frequency", knob_max=8192),
+    # LoCA trains n_frequency coefficients and 2·n_frequency locations per layer (MiniLM-L6:
+    # n = 631 gives 70,041); scanned up to 4096.
+    "loca": BenchTuning(knob="n_frequency", knob_max=4096),
+    # NeuroAda trains k entries per output neuron (d_out·k per layer); k up to min(d_out, d_in) is
+    # always valid (MiniLM-L6: k = 3 gives 63,360).
+    "neuroada": BenchTuning(knob="k"),
+    # Random sparse trains `count` entries per layer whatever its shape (37 layers of MiniLM-L6 at
+    # count = 1892 give 70,004); scanned up to 8192.
+    "random-sparse": BenchTuning(knob="count", knob_max=8192),
     # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
     "vera": BenchTuning(lr=1e-2),
 }

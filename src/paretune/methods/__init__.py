@@ -6,3 +6,7 @@ from . import kronecker  # noqa: F401
 from . import block_lora, lamda  # noqa: F401
 from . import vera  # noqa: F401
 from . import randlora  # noqa: F401
+from . import neuroada, random_sparse  # noqa: F401
+from . import fourierft  # noqa: F401
+from . import loca  # noqa: F401
+from . import shira  # noqa: F401
