@@ -5,8 +5,7 @@ Fine-Tuning"; authors' code TL-UESTC/LoCA, ``peft/src/peft/tuners/loca/``).
 
 **What the reference does.** The authors' repository was not reachable from here; this follows a
 third-party copy of their layer that states it vendors ``layer.py`` (``IdctWithIndexGrad``,
-``spectrum_to_para``, the schedule in ``forward``) and ``dct_utils.py`` verbatim (read through
-the code search; see also /work/shared/research/methods.md, "LoCA (#9)"):
+``spectrum_to_para``, the schedule in ``forward``) and ``dct_utils.py`` verbatim:
 
 * ``spectrum``: n coefficients a, **zero init**; ``spectrum_indices``: 2×n locations
   l ∈ [0, 1], ``nn.init.uniform_(0, 1)``; rows = l₀·(d_out − 1), cols = l₁·(d_in − 1) after
