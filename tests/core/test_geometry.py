@@ -84,3 +84,23 @@ def test_grouped_conv_is_rejected_with_a_clear_error():
 def test_unsupported_module_has_no_geometry():
     assert geometry_for(nn.LayerNorm(4)) is None
     assert geometry_for(nn.Linear(3, 2)).kind == "linear"
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(7, 5), lambda: Conv1D(5, 7), lambda: nn.Embedding(7, 5),
+                                  lambda: nn.Conv2d(3, 5, 2), lambda: nn.Linear(7, 5).to(torch.bfloat16)])
+def test_add_at_writes_only_the_given_entries_of_the_matrix_view(make):
+    torch.manual_seed(0)
+    g = geometry_for(make())
+    before = g.matrix().detach().float().contiguous().clone()
+    flat = torch.tensor([0, 3, g.d_in + 1, g.d_out * g.d_in - 1])
+    values = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    g.add_at(flat, values)
+    want = before.clone().view(-1)
+    want[flat] += values
+    tol = 1e-2 if g.weight.dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(g.matrix().float(), want.view(g.d_out, g.d_in), atol=tol, rtol=tol)
+    untouched = torch.ones(g.d_out * g.d_in, dtype=torch.bool)
+    untouched[flat] = False
+    assert torch.equal(g.matrix().float().reshape(-1)[untouched], before.reshape(-1)[untouched])
+    g.add_at(flat, values, sign=-1.0)
+    torch.testing.assert_close(g.matrix().float(), before, atol=tol, rtol=tol)

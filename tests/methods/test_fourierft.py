@@ -16,13 +16,12 @@ from torch import nn
 
 import paretune
 from paretune.core import registry
-from paretune.core.host import Host
 from paretune.errors import ConfigError
 from paretune.methods.fourierft import FourierFTConfig
 
-from layer_chain import SHAPES, TARGETS, assert_merge_round_trip, chain, deltas, randomise
-
-CHAIN_SHAPES = [(16, 8), (8, 16), (12, 8), (12, 12), (30, 12), (7, 30)]  # (d_out, d_in) of chain()'s layers
+from layer_chain import (CHAIN_SHAPES, SHAPES, TARGETS, assert_bad_options_refused, assert_merge_round_trip,
+                         assert_only_these_get_gradients, assert_save_load_exact, assert_trainable_count,
+                         assert_zero_delta_at_init, chain, deltas, left_unchanged, peft_pairs, randomise)
 N = 40  # fits every layer of chain() (smallest: 8 x 12 = 96 entries)
 
 
@@ -53,18 +52,14 @@ def test_defaults_are_peft_s():
 def test_trainable_count_is_n(d_in, d_out, n):
     model = nn.Sequential(nn.Linear(d_in, d_out))
     paretune.adapt(model, "fourierft", n_frequency=n)
-    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cost = paretune.count(model)
-    assert cost["trainable"] == cost["formula"] == requires_grad == n
+    cost = assert_trainable_count(model, n)
     assert cost["stored_bytes"] == 4 * n  # the float32 coefficients, nothing else
 
 
 def test_count_and_stored_bytes_over_layers_of_several_shapes():
     model = chain()
     paretune.adapt(model, "fourierft", n_frequency=N, targets=TARGETS)
-    cost = paretune.count(model)
-    assert cost["trainable"] == cost["formula"] == 6 * N
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 6 * N
+    cost = assert_trainable_count(model, 6 * N)
     assert cost["stored_bytes"] == 6 * N * 4
     assert registry.get("fourierft").formula == "n_frequency"
 
@@ -85,12 +80,7 @@ def test_default_init_is_standard_normal_and_init_weights_true_is_zero(make_llam
     assert abs(c.mean().item()) < 0.1 and abs(c.std().item() - 1.0) < 0.1  # N(0, 1), as PEFT
     assert deltas(model)["0"].delta_weight().abs().max() > 0
 
-    base, zero = make_llama(), make_llama()
-    paretune.adapt(zero, "fourierft", n_frequency=64, init_weights=True)
-    for d in deltas(zero).values():
-        assert torch.count_nonzero(d.spectrum) == 0 and torch.count_nonzero(d.delta_weight()) == 0
-    with torch.no_grad():
-        assert torch.equal(zero(llama_batch).logits, base(llama_batch).logits)
+    assert_zero_delta_at_init(make_llama, llama_batch, "fourierft", "spectrum", n_frequency=64, init_weights=True)
 
 
 # -- ΔW -------------------------------------------------------------------------------------------
@@ -163,14 +153,8 @@ def test_save_load_stores_only_the_coefficients(tmp_path):
     paretune.adapt(model, "fourierft", n_frequency=N, targets=TARGETS, random_loc_seed=11)
     randomise(model)
     x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.save(model, tmp_path / "a")
     torch.manual_seed(999)  # the fresh adapter's own random start is overwritten by the file
-    fresh = chain()
-    paretune.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+    fresh = assert_save_load_exact(model, tmp_path / "a", x)
     for d, e in zip(deltas(model).values(), deltas(fresh).values()):
         assert torch.equal(d.positions(), e.positions()) and torch.equal(d.spectrum, e.spectrum)
 
@@ -186,11 +170,7 @@ def test_only_the_coefficients_get_gradients():
     model = chain()
     paretune.adapt(model, "fourierft", n_frequency=N, targets=TARGETS)
     model(torch.randn(4, 8)).pow(2).sum().backward()
-    for n, p in model.named_parameters():
-        if ".deltas." in n:
-            assert n.endswith(".spectrum") and p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert not p.requires_grad and p.grad is None, n
+    assert_only_these_get_gradients(model, (".spectrum",), bank=False)
 
 
 def test_gradient_is_the_basis_matrices_applied_to_the_output_gradient():
@@ -213,26 +193,14 @@ def test_gradient_is_the_basis_matrices_applied_to_the_output_gradient():
                                  {"random_loc_seed": -1}, {"random_loc_seed": None}, {"init_weights": 1},
                                  {"n_frequencies": 4}])
 def test_bad_options_are_config_errors(bad):
-    model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ConfigError):
-        paretune.adapt(model, "fourierft", **bad)
-    assert isinstance(model[0], nn.Linear) and paretune.adapters(model) == {}
+    assert_bad_options_refused("fourierft", bad)
 
 
 def test_n_above_a_layers_size_is_a_clear_error_and_leaves_the_model_unchanged():
     model = chain()  # n=100 fits every layer but the 12 x 8 one, chain()[2] (96 entries)
-    state = {n: t.clone() for n, t in model.state_dict().items()}
-    x = torch.randn(3, 8)
-    with torch.no_grad():
-        before = model(x)
-    with pytest.raises(ConfigError, match=r"n_frequency=100 is invalid for a \(12 x 8\) layer.*96 entries"):
+    with (left_unchanged(model, torch.randn(3, 8)),
+          pytest.raises(ConfigError, match=r"n_frequency=100 is invalid for a \(12 x 8\) layer.*96 entries")):
         paretune.adapt(model, "fourierft", n_frequency=100, targets=TARGETS)
-    assert not any(isinstance(m, Host) for m in model.modules())
-    assert paretune.adapters(model) == {}
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[n], t) for n, t in state.items())
-    with torch.no_grad():
-        assert torch.equal(model(x), before)
     with pytest.raises(ConfigError, match="n_frequency=100"):
         registry.get("fourierft").delta_cls.trainable_formula(12, 8, FourierFTConfig(n_frequency=100))
     # the same n on the layers it fits is fine
@@ -249,16 +217,12 @@ def _peft_pair(model_fn, targets, n, seed, scaling=150.0, x=None):
     paretune.adapt(ours, "fourierft", n_frequency=n, random_loc_seed=seed, scaling=scaling, targets=targets)
     peft_model = get_peft_model(theirs, PeftFourierFTConfig(n_frequency=n, random_loc_seed=seed, scaling=scaling,
                                                             target_modules=targets))
-    g = torch.Generator().manual_seed(5)
-    pairs = []
-    for t in targets:
-        d = ours.get_submodule(t).deltas["default"]
-        layer = peft_model.base_model.model.get_submodule(t)
-        with torch.no_grad():
-            d.spectrum.copy_(torch.randn(n, generator=g))
-            layer.fourierft_spectrum["default"].copy_(d.spectrum)
-        pairs.append((d, layer))
-    return ours, peft_model, pairs
+
+    def copy(d, layer, g):
+        d.spectrum.copy_(torch.randn(n, generator=g))
+        layer.fourierft_spectrum["default"].copy_(d.spectrum)
+
+    return ours, peft_model, peft_pairs(ours, peft_model, targets, copy)
 
 
 @pytest.mark.parametrize("seed", [777, 3])

@@ -17,6 +17,9 @@ from paretune.errors import ConfigError
 from paretune.methods import loca as loca_mod
 from paretune.methods.loca import IdctWithLocationGrad, LocaConfig, layer_seed, phase_of
 
+from layer_chain import (assert_bad_options_refused, assert_merge_round_trip, assert_only_these_get_gradients,
+                         assert_save_load_exact, assert_trainable_count, left_unchanged)
+
 
 def _deltas(model):
     return [m.deltas["default"] for m in model.modules() if isinstance(m, Host)]
@@ -317,9 +320,7 @@ def test_count_is_three_n_per_layer_and_only_adapter_gets_gradients():
     shapes = [(12, 20), (20, 7)]
     model = _model(shapes)
     paretune.adapt(model, "loca", n_frequency=17)
-    c = paretune.count(model)
-    assert c["trainable"] == c["formula"] == 2 * 3 * 17
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 3 * 17
+    assert_trainable_count(model, 2 * 3 * 17)
     assert LocaConfig().n_frequency == 1000  # the paper's GLUE setting
     assert loca_mod.LocaDelta.trainable_formula(384, 384, LocaConfig(n_frequency=631)) == 1893  # 37 x -> 70,041
     for d in _deltas(model):
@@ -327,11 +328,7 @@ def test_count_is_three_n_per_layer_and_only_adapter_gets_gradients():
             d.coefficients.normal_()
     model.train()
     model(torch.randn(3, 12, dtype=torch.float64)).pow(2).sum().backward()
-    for name, p in model.named_parameters():
-        if ".deltas.default." in name:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
+    assert_only_these_get_gradients(model, (".deltas.default.coefficients", ".deltas.default.locations"), bank=False)
 
 
 def test_merge_equals_unmerged_and_save_load_is_exact(tmp_path):
@@ -342,17 +339,8 @@ def test_merge_equals_unmerged_and_save_load_is_exact(tmp_path):
             d.coefficients.normal_()
             d.locations.add_(0.1 * torch.randn_like(d.locations))
     x = torch.randn(5, 12, dtype=torch.float64)
-    with torch.no_grad():
-        want = model(x)
-        paretune.save(model, tmp_path / "a")
-        paretune.merge(model)
-        torch.testing.assert_close(model(x), want, atol=1e-12, rtol=0)
-        paretune.unmerge(model)
-        torch.testing.assert_close(model(x), want, atol=1e-12, rtol=0)
-    fresh = _model([(12, 20), (20, 7)])
-    paretune.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), want, atol=0, rtol=0)
+    fresh = assert_save_load_exact(model, tmp_path / "a", x, make=lambda: _model([(12, 20), (20, 7)]))
+    assert_merge_round_trip(model, x, atol=1e-12, rtol=0)
     for a, b in zip(_deltas(model), _deltas(fresh)):
         assert set(a.stored_state()) == {"coefficients", "locations"}
         for k, v in a.stored_state().items():
@@ -397,18 +385,14 @@ def test_conv1d_host():
     {"seed": -1},
 ])
 def test_bad_options(bad):
-    with pytest.raises(ConfigError):
-        paretune.adapt(_model(), "loca", **bad)
+    assert_bad_options_refused("loca", bad, _model())
 
 
 def test_more_coefficients_than_entries_is_refused_and_leaves_the_model():
     model = _model([(4, 3), (3, 5)])  # 12 and 15 entries
-    x = torch.randn(2, 4, dtype=torch.float64)
-    want = model(x)
-    with pytest.raises(ConfigError, match="n_frequency=13 is larger than the 12 entries"):
+    with (left_unchanged(model, torch.randn(2, 4, dtype=torch.float64)),
+          pytest.raises(ConfigError, match="n_frequency=13 is larger than the 12 entries")):
         paretune.adapt(model, "loca", n_frequency=13)
-    assert paretune.adapters(model) == {} and not any(isinstance(m, Host) for m in model.modules())
-    torch.testing.assert_close(model(x), want, atol=0, rtol=0)
     with pytest.raises(ConfigError):
         loca_mod.LocaDelta.trainable_formula(3, 4, LocaConfig(n_frequency=13))
     paretune.adapt(model, "loca", n_frequency=12)  # exactly d_out·d_in of the smaller layer is fine

@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 import paretune
-from paretune.core.host import Host
 from paretune.errors import ConfigError
 
-from layer_chain import SHAPES, TARGETS, assert_merge_round_trip, chain, deltas, randomise
+from layer_chain import (SHAPES, TARGETS, assert_bad_options_refused,
+                         assert_save_load_exact, assert_trainable_count, assert_zero_delta_at_init, chain, deltas,
+                         left_unchanged, randomise)
+from sparse_checks import (assert_merge_touches_only_the_support, assert_only_the_values_get_gradients,
+                           assert_same_positions, assert_values_and_int32_indices_bytes)
 
 
 def positions(delta) -> set[tuple[int, int]]:
@@ -36,9 +39,7 @@ def expected_top_k(w: torch.Tensor, k: int) -> set[tuple[int, int]]:
 def test_trainable_count_is_d_out_times_k(d_in, d_out, k):
     model = nn.Sequential(nn.Linear(d_in, d_out))
     paretune.adapt(model, "neuroada", k=k)
-    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cost = paretune.count(model)
-    assert cost["trainable"] == cost["formula"] == requires_grad == d_out * k
+    assert_trainable_count(model, d_out * k)
 
 
 def test_default_k_is_the_references_times_num():
@@ -48,13 +49,7 @@ def test_default_k_is_the_references_times_num():
 
 
 def test_zero_delta_at_init(make_llama, llama_batch):
-    base, model = make_llama(), make_llama()
-    paretune.adapt(model, "neuroada", k=4)
-    for d in deltas(model).values():
-        assert torch.count_nonzero(d.values) == 0
-        assert torch.count_nonzero(d.delta_weight()) == 0
-    with torch.no_grad():
-        assert torch.equal(model(llama_batch).logits, base(llama_batch).logits)
+    assert_zero_delta_at_init(make_llama, llama_batch, "neuroada", "values", k=4)
 
 
 # -- the positions -----------------------------------------------------------------------------
@@ -135,85 +130,45 @@ def test_stored_bytes_are_values_and_int32_indices():
     model = chain()
     paretune.adapt(model, "neuroada", k=3, targets=TARGETS)
     n = sum(3 * d_out for d_out in (16, 8, 12, 12, 30, 7))
-    assert paretune.count(model)["stored_bytes"] == n * (4 + 4)
+    assert_values_and_int32_indices_bytes(model, n)
 
 
 def test_merged_equals_unmerged_and_merge_touches_only_the_bypassed_entries():
     model = chain()
     paretune.adapt(model, "neuroada", k=2, targets=TARGETS)
     randomise(model, scale=0.3)
-    hosts = {t: model.get_submodule(t) for t in TARGETS}
-    before = {t: h.base.weight.detach().clone() for t, h in hosts.items()}
-    bias_before = {t: h.base.bias.detach().clone() for t, h in hosts.items()}
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.merge(model)
-    for t, h in hosts.items():
-        d = h.deltas["default"]
-        changed = (h.base.weight != before[t]).nonzero()
-        assert {tuple(rc) for rc in changed.tolist()} <= positions(d)
-        assert torch.equal(h.base.bias, bias_before[t])  # the bias is not touched
-        assert d.delta_bias() is None
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
-    paretune.unmerge(model)
-    assert_merge_round_trip(model, x, atol=1e-5, rtol=1e-5)
+    # the bypassed entries as (row, col) pairs from rows_cols(), written as flat positions
+    assert_merge_touches_only_the_support(model, torch.randn(4, 8),
+                                          support=lambda d: {r * d.d_in + c for r, c in positions(d)},
+                                          atol=1e-5, rtol=1e-5)
 
 
 def test_save_load_takes_the_positions_from_the_file(tmp_path):
     model = chain()
     paretune.adapt(model, "neuroada", k=3, targets=TARGETS)
     randomise(model)
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.save(model, tmp_path / "a")
-    # the same base: same outputs
-    fresh = chain()
-    paretune.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+    assert_save_load_exact(model, tmp_path / "a", torch.randn(4, 8))  # the same base: same outputs
     # another base of the same shapes: its own top-k differ, the loaded positions are the saved ones
     other = chain(seed=1)
     paretune.load(other, tmp_path / "a")
-    for t in TARGETS:
-        saved, loaded = deltas(model)[t], deltas(other)[t]
-        assert torch.equal(saved.indices, loaded.indices)
-        assert torch.equal(saved.values, loaded.values)
+    assert_same_positions(model, other, values=True)
 
 
 def test_only_the_values_get_gradients():
     model = chain()
     paretune.adapt(model, "neuroada", k=2, targets=TARGETS)
-    randomise(model, scale=0.1)
-    model(torch.randn(4, 8)).pow(2).sum().backward()
-    for n, p in model.named_parameters():
-        if ".deltas." in n:
-            assert n.endswith(".values") and p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert not p.requires_grad and p.grad is None, n
-    for d in deltas(model).values():
-        assert not d.indices.requires_grad
+    assert_only_the_values_get_gradients(model)
 
 
 # -- errors ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [{"k": 0}, {"k": -1}, {"k": 1.5}, {"k": True}, {"top_k": 2}])
 def test_bad_options_are_config_errors(bad):
-    model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ConfigError):
-        paretune.adapt(model, "neuroada", **bad)
-    assert isinstance(model[0], nn.Linear) and paretune.adapters(model) == {}
+    assert_bad_options_refused("neuroada", bad)
 
 
 def test_k_above_d_in_is_a_clear_error_and_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))  # k=10 fits layer 0, not layer 1
-    state = {n: t.clone() for n, t in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"k=10 exceeds the 8 inputs"):
+    with left_unchanged(model), pytest.raises(ConfigError, match=r"k=10 exceeds the 8 inputs"):
         paretune.adapt(model, "neuroada", k=10)
-    assert not any(isinstance(m, Host) for m in model.modules())
-    assert paretune.adapters(model) == {}
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[n], t) for n, t in state.items())

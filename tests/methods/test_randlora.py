@@ -13,11 +13,11 @@ from safetensors import safe_open
 from torch import nn
 
 import paretune
-from paretune.errors import ConfigError
 from paretune.methods.randlora import RandLoraConfig, _ScaledA, num_bases
 
-from layer_chain import (SHAPES, TARGETS, assert_merge_round_trip, assert_only_these_get_gradients, chain,
-                         deltas)
+from layer_chain import (SHAPES, TARGETS, assert_bad_options_refused, assert_merge_round_trip,
+                         assert_only_these_get_gradients, assert_save_load_exact, assert_trainable_count, chain,
+                         deltas, peft_pairs)
 from layer_chain import randomise as randomise_unit
 
 BASES = [{}, {"sparse": True}, {"very_sparse": True}]
@@ -38,9 +38,7 @@ def test_trainable_count_is_n_times_r_plus_min_dim(d_in, d_out, r, convention):
     paretune.adapt(model, "randlora", r=r, convention=convention)
     m = min(d_in, d_out)
     n = m // r + 1 if convention == "paper" else math.ceil(m / r)
-    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cost = paretune.count(model)
-    assert cost["trainable"] == cost["formula"] == requires_grad == n * (r + m)
+    assert_trainable_count(model, n * (r + m))
     d = deltas(model)["0"]
     assert d.Lambda.shape == (n, r) and d.Gamma.shape == (n, m)
 
@@ -256,14 +254,7 @@ def test_save_load_stores_only_lambda_and_gamma(tmp_path):
     model = chain()
     paretune.adapt(model, "randlora", r=4, targets=TARGETS, sparse=True)
     randomise(model)
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.save(model, tmp_path / "a")
-    fresh = chain()
-    paretune.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+    assert_save_load_exact(model, tmp_path / "a", torch.randn(4, 8))
 
     path = tmp_path / "a" / "adapter.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -309,8 +300,7 @@ def test_dropout_acts_in_training_only():
 @pytest.mark.parametrize("bad", [{"r": 0}, {"r": -1}, {"r": 1.5}, {"alpha": -1}, {"dropout": 1.0}, {"seed": -3},
                                  {"sparse": True, "very_sparse": True}, {"sparse": "yes"}, {"n": 3}])
 def test_bad_options_are_config_errors(bad):
-    with pytest.raises(ConfigError):
-        paretune.adapt(nn.Sequential(nn.Linear(4, 4)), "randlora", **bad)
+    assert_bad_options_refused("randlora", bad)
 
 
 # -- equality with PEFT ------------------------------------------------------------------------
@@ -323,18 +313,14 @@ def _peft_pair(model_fn, targets, r, alpha, options, seed=0, **peft_kw):
     cfg = RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=targets, projection_prng_key=seed,
                          **options, **peft_kw)
     peft_model = get_peft_model(theirs, cfg)
-    g = torch.Generator().manual_seed(5)
-    pairs = []
-    for t in targets:
-        d = ours.get_submodule(t).deltas["default"]
-        layer = peft_model.base_model.model.get_submodule(t)
-        with torch.no_grad():
-            d.Lambda.copy_(0.3 * torch.randn(d.Lambda.shape, generator=g))
-            d.Gamma.copy_(0.3 * torch.randn(d.Gamma.shape, generator=g))
-            layer.randlora_lambda["default"].copy_(d.Lambda.T)  # PEFT keeps Λ as (r, n)
-            layer.randlora_gamma["default"].copy_(d.Gamma)
-        pairs.append((d, layer))
-    return ours, peft_model, pairs
+
+    def copy(d, layer, g):
+        d.Lambda.copy_(0.3 * torch.randn(d.Lambda.shape, generator=g))
+        d.Gamma.copy_(0.3 * torch.randn(d.Gamma.shape, generator=g))
+        layer.randlora_lambda["default"].copy_(d.Lambda.T)  # PEFT keeps Λ as (r, n)
+        layer.randlora_gamma["default"].copy_(d.Gamma)
+
+    return ours, peft_model, peft_pairs(ours, peft_model, targets, copy)
 
 
 @pytest.mark.parametrize("options", BASES)

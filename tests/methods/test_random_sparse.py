@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 import paretune
-from paretune.core.host import Host
 from paretune.errors import ConfigError
 from paretune.methods.random_sparse import sample_positions
 
-from layer_chain import SHAPES, TARGETS, assert_merge_round_trip, chain, deltas, randomise
-
-CHAIN_SHAPES = [(16, 8), (8, 16), (12, 8), (12, 12), (30, 12), (7, 30)]  # (d_out, d_in) of chain()
+from layer_chain import (CHAIN_SHAPES, SHAPES, TARGETS, assert_bad_options_refused,
+                         assert_save_load_exact, assert_trainable_count, assert_zero_delta_at_init, chain, deltas,
+                         left_unchanged, randomise)
+from sparse_checks import (assert_merge_touches_only_the_support, assert_only_the_values_get_gradients,
+                           assert_same_positions, assert_values_and_int32_indices_bytes)
 
 
 def flat(model, target="0") -> torch.Tensor:
@@ -31,9 +32,7 @@ def flat(model, target="0") -> torch.Tensor:
 def test_trainable_count_is_count(d_in, d_out, count):
     model = nn.Sequential(nn.Linear(d_in, d_out))
     paretune.adapt(model, "random-sparse", count=count)
-    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cost = paretune.count(model)
-    assert cost["trainable"] == cost["formula"] == requires_grad == count
+    assert_trainable_count(model, count)
 
 
 @pytest.mark.parametrize("fraction,d_out,d_in,expected", [
@@ -55,13 +54,7 @@ def test_trainable_count_of_a_fraction(fraction, d_out, d_in, expected):
 
 
 def test_zero_delta_at_init(make_llama, llama_batch):
-    base, model = make_llama(), make_llama()
-    paretune.adapt(model, "random-sparse", count=40)
-    for d in deltas(model).values():
-        assert torch.count_nonzero(d.values) == 0
-        assert torch.count_nonzero(d.delta_weight()) == 0
-    with torch.no_grad():
-        assert torch.equal(model(llama_batch).logits, base(llama_batch).logits)
+    assert_zero_delta_at_init(make_llama, llama_batch, "random-sparse", "values", count=40)
 
 
 # -- the positions -----------------------------------------------------------------------------
@@ -139,61 +132,32 @@ def test_a_large_layer_is_drawn_without_a_full_permutation():
 def test_stored_bytes_are_values_and_int32_indices():
     model = chain()
     paretune.adapt(model, "random-sparse", count=17, targets=TARGETS)
-    assert paretune.count(model)["stored_bytes"] == 6 * 17 * (4 + 4)
+    assert_values_and_int32_indices_bytes(model, 6 * 17)
     model = chain()
     paretune.adapt(model, "random-sparse", fraction=0.1, targets=TARGETS)
     n = sum(max(1, int(0.1 * o * i + 0.5)) for o, i in CHAIN_SHAPES)
-    assert paretune.count(model)["stored_bytes"] == n * (4 + 4)
+    assert_values_and_int32_indices_bytes(model, n)
 
 
 def test_merged_equals_unmerged_and_merge_touches_only_the_drawn_entries():
     model = chain()
     paretune.adapt(model, "random-sparse", count=25, targets=TARGETS)
     randomise(model, scale=0.3)
-    hosts = {t: model.get_submodule(t) for t in TARGETS}
-    before = {t: h.base.weight.detach().clone() for t, h in hosts.items()}
-    bias_before = {t: h.base.bias.detach().clone() for t, h in hosts.items()}
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.merge(model)
-    for t, h in hosts.items():
-        d = h.deltas["default"]
-        changed = set((h.base.weight != before[t]).flatten().nonzero().flatten().tolist())
-        assert changed <= set(d.indices.tolist())
-        assert torch.equal(h.base.bias, bias_before[t])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
-    paretune.unmerge(model)
-    assert_merge_round_trip(model, x, atol=1e-5, rtol=1e-5)
+    assert_merge_touches_only_the_support(model, torch.randn(4, 8), atol=1e-5, rtol=1e-5)
 
 
 def test_save_load_round_trip_takes_the_positions_from_the_file(tmp_path):
     model = chain()
     paretune.adapt(model, "random-sparse", count=25, seed=11, targets=TARGETS)
     randomise(model)
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.save(model, tmp_path / "a")
-    fresh = chain()
-    paretune.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
-    for t in TARGETS:
-        assert torch.equal(deltas(model)[t].indices, deltas(fresh)[t].indices)
+    fresh = assert_save_load_exact(model, tmp_path / "a", torch.randn(4, 8))
+    assert_same_positions(model, fresh)
 
 
 def test_only_the_values_get_gradients():
     model = chain()
     paretune.adapt(model, "random-sparse", fraction=0.5, targets=TARGETS)
-    randomise(model, scale=0.1)
-    model(torch.randn(4, 8)).pow(2).sum().backward()
-    for n, p in model.named_parameters():
-        if ".deltas." in n:
-            assert n.endswith(".values") and p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert not p.requires_grad and p.grad is None, n
+    assert_only_the_values_get_gradients(model)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -204,18 +168,10 @@ def test_only_the_values_get_gradients():
     {"count": 4, "fraction": 0.5}, {"seed": -1}, {"seed": 1.5}, {"n": 4},
 ])
 def test_bad_options_are_config_errors(bad):
-    model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ConfigError):
-        paretune.adapt(model, "random-sparse", **bad)
-    assert isinstance(model[0], nn.Linear) and paretune.adapters(model) == {}
+    assert_bad_options_refused("random-sparse", bad)
 
 
 def test_count_above_a_layers_size_is_a_clear_error_and_leaves_the_model_unchanged():
     model = chain()  # count=100 fits layers 0 and 1 (128 entries each), not layer 2 (12 x 8 = 96)
-    state = {n: t.clone() for n, t in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"count=100 exceeds the 96 entries"):
+    with left_unchanged(model), pytest.raises(ConfigError, match=r"count=100 exceeds the 96 entries"):
         paretune.adapt(model, "random-sparse", count=100, targets=TARGETS)
-    assert not any(isinstance(m, Host) for m in model.modules())
-    assert paretune.adapters(model) == {}
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[n], t) for n, t in state.items())

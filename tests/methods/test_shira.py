@@ -17,6 +17,9 @@ from paretune.errors import ConfigError
 from paretune.methods import shira
 from paretune.methods.shira import ScoreMap, ShiraConfig, gradient_scores
 
+from layer_chain import assert_trainable_count, left_unchanged
+from sparse_checks import assert_values_and_int32_indices_bytes
+
 ATOL = 1e-5
 
 
@@ -112,9 +115,8 @@ def test_count_formula_and_bytes():
     model = _mlp()
     paretune.adapt(model, "shira", r=1)
     n = 1 * (10 + 8) + 1 * (8 + 6)
-    c = paretune.count(model)
-    assert c["trainable"] == c["formula"] == n
-    assert c["stored_bytes"] == n * 4 + n * 4  # float32 values + int32 indices
+    assert_trainable_count(model, n)
+    assert_values_and_int32_indices_bytes(model, n)
     for h in _hosts(model).values():
         state = h.deltas["default"].stored_state()
         assert set(state) == {"values", "indices"}
@@ -310,43 +312,37 @@ def test_snip_adapter_saves_indices_and_loads_without_scores(tmp_path):
 
 # -- errors ----------------------------------------------------------------------------------
 
-def _unchanged(model: nn.Module, reference: nn.Module) -> None:
-    assert not _hosts(model) and paretune.adapters(model) == {}
-    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        assert torch.equal(p, q), n
-
-
 def test_gradient_mask_without_scores_names_the_fix():
     model = _mlp()
-    for mask in ("gradient", "snip"):
-        with pytest.raises(ConfigError, match="gradient_scores"):
-            paretune.adapt(model, "shira", mask=mask)
-    _unchanged(model, _mlp())
+    with left_unchanged(model):
+        for mask in ("gradient", "snip"):
+            with pytest.raises(ConfigError, match="gradient_scores"):
+                paretune.adapt(model, "shira", mask=mask)
 
 
 def test_bad_scores_are_clear_errors():
     model = _mlp()
-    with pytest.raises(ConfigError, match="ScoreMap"):
-        paretune.adapt(model, "shira", mask="gradient", scores={"0": torch.ones(8, 10)})
-    with pytest.raises(ConfigError, match="gradient' or 'snip' only"):
-        paretune.adapt(model, "shira", scores=ScoreMap(model, {"0": torch.ones(8, 10)}))
-    with pytest.raises(ConfigError, match=r"\(8, 10\) tensor"):
-        ScoreMap(model, {"0": torch.ones(10, 8)})
-    with pytest.raises(ConfigError, match="no module"):
-        ScoreMap(model, {"nope": torch.ones(10, 8)})
-    only_first = ScoreMap(model, {"0": torch.ones(8, 10)})
-    with pytest.raises(ConfigError, match="hold nothing for adapted layer 1"):
-        paretune.adapt(model, "shira", r=1, mask="gradient", scores=only_first)
-    _unchanged(model, _mlp())
+    with left_unchanged(model):
+        with pytest.raises(ConfigError, match="ScoreMap"):
+            paretune.adapt(model, "shira", mask="gradient", scores={"0": torch.ones(8, 10)})
+        with pytest.raises(ConfigError, match="gradient' or 'snip' only"):
+            paretune.adapt(model, "shira", scores=ScoreMap(model, {"0": torch.ones(8, 10)}))
+        with pytest.raises(ConfigError, match=r"\(8, 10\) tensor"):
+            ScoreMap(model, {"0": torch.ones(10, 8)})
+        with pytest.raises(ConfigError, match="no module"):
+            ScoreMap(model, {"nope": torch.ones(10, 8)})
+        only_first = ScoreMap(model, {"0": torch.ones(8, 10)})
+        with pytest.raises(ConfigError, match="hold nothing for adapted layer 1"):
+            paretune.adapt(model, "shira", r=1, mask="gradient", scores=only_first)
 
 
 def test_count_too_large_is_refused_and_the_model_unchanged():
     model = _mlp()
-    with pytest.raises(ConfigError, match=r"r=5 gives r·\(d_in \+ d_out\) = 90 entries for a \(8 x 10\) layer"):
-        paretune.adapt(model, "shira", r=5)  # the 10 -> 8 layer: 90 > 80
-    with pytest.raises(ConfigError, match="r=32"):
-        paretune.adapt(model, "shira")  # PEFT's default r=32 does not fit these tiny layers
-    _unchanged(model, _mlp())
+    with left_unchanged(model):
+        with pytest.raises(ConfigError, match=r"r=5 gives r·\(d_in \+ d_out\) = 90 entries for a \(8 x 10\) layer"):
+            paretune.adapt(model, "shira", r=5)  # the 10 -> 8 layer: 90 > 80
+        with pytest.raises(ConfigError, match="r=32"):
+            paretune.adapt(model, "shira")  # PEFT's default r=32 does not fit these tiny layers
 
 
 @pytest.mark.parametrize("options, match", [
@@ -356,6 +352,5 @@ def test_count_too_large_is_refused_and_the_model_unchanged():
 ])
 def test_invalid_options(options, match):
     model = _mlp()
-    with pytest.raises(ConfigError, match=match):
+    with left_unchanged(model), pytest.raises(ConfigError, match=match):
         paretune.adapt(model, "shira", **options)
-    _unchanged(model, _mlp())

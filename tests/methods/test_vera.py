@@ -11,10 +11,10 @@ from safetensors import safe_open
 from torch import nn
 
 import paretune
-from paretune.errors import ConfigError
 
-from layer_chain import (SHAPES, TARGETS, assert_merge_round_trip, assert_only_these_get_gradients, chain,
-                         deltas, randomise)
+from layer_chain import (SHAPES, TARGETS, assert_bad_options_refused, assert_merge_round_trip,
+                         assert_only_these_get_gradients, assert_save_load_exact, assert_trainable_count, chain,
+                         deltas, peft_pairs, randomise)
 
 
 # -- counts and init ---------------------------------------------------------------------------
@@ -24,9 +24,7 @@ from layer_chain import (SHAPES, TARGETS, assert_merge_round_trip, assert_only_t
 def test_trainable_count_is_r_plus_d_out(d_in, d_out, r):
     model = nn.Sequential(nn.Linear(d_in, d_out))
     paretune.adapt(model, "vera", r=r)
-    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cost = paretune.count(model)
-    assert cost["trainable"] == cost["formula"] == requires_grad == r + d_out
+    assert_trainable_count(model, r + d_out)
 
 
 def test_count_over_layers_of_several_shapes():
@@ -119,14 +117,7 @@ def test_save_load_stores_only_the_vectors(tmp_path):
     model = chain()
     paretune.adapt(model, "vera", r=64, targets=TARGETS)
     randomise(model)
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = model(x)
-    paretune.save(model, tmp_path / "a")
-    fresh = chain()
-    paretune.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+    assert_save_load_exact(model, tmp_path / "a", torch.randn(4, 8))
 
     path = tmp_path / "a" / "adapter.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -161,8 +152,7 @@ def test_dropout_acts_in_training_only():
 @pytest.mark.parametrize("bad", [{"r": 0}, {"r": -2}, {"r": 2.5}, {"dropout": 1.0}, {"seed": -1},
                                  {"d_initial": float("nan")}, {"rank": 4}])
 def test_bad_options_are_config_errors(bad):
-    with pytest.raises(ConfigError):
-        paretune.adapt(nn.Sequential(nn.Linear(4, 4)), "vera", **bad)
+    assert_bad_options_refused("vera", bad)
 
 
 # -- equality with PEFT ------------------------------------------------------------------------
@@ -173,18 +163,14 @@ def _peft_pair(model_fn, targets, r, seed=0, **peft_kw):
     ours, theirs = model_fn(), model_fn()
     paretune.adapt(ours, "vera", r=r, seed=seed, targets=targets)
     peft_model = get_peft_model(theirs, VeraConfig(r=r, target_modules=targets, projection_prng_key=seed, **peft_kw))
-    g = torch.Generator().manual_seed(5)
-    pairs = []
-    for t in targets:
-        d = ours.get_submodule(t).deltas["default"]
-        layer = peft_model.base_model.model.get_submodule(t)
-        with torch.no_grad():
-            d.lambda_b.copy_(0.3 * torch.randn(d.lambda_b.shape, generator=g))
-            d.lambda_d.copy_(0.3 * torch.randn(d.lambda_d.shape, generator=g))
-            layer.vera_lambda_b["default"].copy_(d.lambda_b)
-            layer.vera_lambda_d["default"].copy_(d.lambda_d)
-        pairs.append((d, layer))
-    return ours, peft_model, pairs
+
+    def copy(d, layer, g):
+        d.lambda_b.copy_(0.3 * torch.randn(d.lambda_b.shape, generator=g))
+        d.lambda_d.copy_(0.3 * torch.randn(d.lambda_d.shape, generator=g))
+        layer.vera_lambda_b["default"].copy_(d.lambda_b)
+        layer.vera_lambda_d["default"].copy_(d.lambda_d)
+
+    return ours, peft_model, peft_pairs(ours, peft_model, targets, copy)
 
 
 @pytest.mark.parametrize("seed", [0, 1234])

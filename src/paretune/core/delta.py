@@ -15,8 +15,8 @@ from .geometry import Geometry
 class Delta(nn.Module):
     """One adapter on one base module: the contract every method implements.
 
-    A method subclasses this (or :class:`paretune.core.lowrank.LowRankDelta` for ΔW = s·B·A),
-    pairs it with an :class:`~paretune.core.config.AdapterConfig` dataclass and registers both
+    A method subclasses this (or :class:`paretune.core.lowrank.LowRankDelta` for ΔW = s·B·A,
+    :class:`paretune.core.sparse.SparseDelta` for a fixed set of W's entries), pairs it with an :class:`~paretune.core.config.AdapterConfig` dataclass and registers both
     with :func:`paretune.core.registry.register`. docs/adding-a-method.md walks through one.
 
     Required:
@@ -34,7 +34,8 @@ class Delta(nn.Module):
 
     * :meth:`make_bank` (classmethod): frozen tensors shared by all layers of the adapter (default
       none);
-    * :meth:`stored_state`: what ``save`` writes (default: every parameter);
+    * :meth:`stored_state`: what ``save`` writes (default: every parameter), with
+      :meth:`load_stored` reading it back (default: strict copy by name and shape);
     * :meth:`as_lora`: ``(A, B, scaling)`` for an exact LoRA form (PEFT export, the gathered
       per-sample path; default None);
     * :meth:`fused_forward` ``(x)``: base op and delta as one fused autograd node, when this is the
@@ -43,7 +44,7 @@ class Delta(nn.Module):
       ``base_out`` is exactly the frozen base's W₀x + b₀ (default :meth:`forward`; Hydra reuses
       it for its sequential branch);
     * :meth:`delta_bias`: the change of the bias on merge (default None);
-    * :meth:`sparse_delta`: ``(rows, cols, values)`` when ΔW is non-zero at a few positions only,
+    * :meth:`sparse_delta`: ``(flat positions, values)`` when ΔW is non-zero at a few positions only,
       so merge and unmerge write only those entries (default None; SparseDelta has it);
     * :meth:`on_step` ``(step, total)``: called by the trainer after each optimizer step (default
       nothing; LaMDA freezes B by it);
@@ -104,9 +105,10 @@ class Delta(nn.Module):
         """Called by the trainer after optimizer step ``step`` of ``total`` (and once with the
         starting step when a run resumes), for schedules over training. Default: nothing."""
 
-    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(rows, cols, values) with ΔW[rows, cols] = values and zero elsewhere, for a merge that
-        writes only those entries of W; None (the default) for a dense ΔW."""
+    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat, values): ΔW is ``values`` at the flat positions ``flat`` (row · d_in + col of the
+        (d_out, d_in) view) and zero elsewhere, for a merge that writes only those entries of W;
+        None (the default) for a dense ΔW."""
         return None
 
     def delta_bias(self) -> torch.Tensor | None:

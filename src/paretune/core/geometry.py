@@ -70,13 +70,24 @@ class Geometry:
         w.copy_(new.to(w.dtype))
 
     @torch.no_grad()
-    def add_at(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sign: float = 1.0) -> None:
-        """W[rows, cols] += sign * values in the (d_out, d_in) view, touching only those entries
-        (computed in float32, or float64 for a float64 weight; positions must be unique)."""
+    def add_at(self, flat: torch.Tensor, values: torch.Tensor, sign: float = 1.0) -> None:
+        """W[p] += sign * values at the flat positions ``flat`` (row · d_in + col) of the
+        (d_out, d_in) view, touching only those entries; positions must be unique. In place on
+        the weight's own storage where the view is contiguous (Linear, Conv2d), else through
+        (row, col) indexing (Conv1D, Embedding); half-precision weights add in float32."""
         m = self.matrix()
         dtype = torch.promote_types(m.dtype, torch.float32)
-        rows, cols = rows.to(m.device), cols.to(m.device)
-        m[rows, cols] = (m[rows, cols].to(dtype) + sign * values.to(m.device, dtype)).to(m.dtype)
+        flat = flat.to(m.device, torch.long)
+        add = sign * values.to(m.device, dtype)
+        if m.is_contiguous():
+            w = m.view(-1)
+            if w.dtype == dtype:
+                w.index_add_(0, flat, add)
+            else:
+                w.index_copy_(0, flat, (w.index_select(0, flat).to(dtype) + add).to(w.dtype))
+            return
+        rows, cols = flat // self.d_in, flat % self.d_in
+        m[rows, cols] = (m[rows, cols].to(dtype) + add).to(m.dtype)
 
     # ops -----------------------------------------------------------------------------------
     def project_in(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -63,9 +63,8 @@ class SparseDelta(Delta):
         flat = self.indices.long()
         return flat // self.d_in, flat % self.d_in
 
-    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows, cols = self.rows_cols()
-        return rows, cols, self.scaling * self.values
+    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.indices, self.scaling * self.values
 
     # -- the contract ------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:

@@ -10,3 +10,4 @@ from . import neuroada, random_sparse  # noqa: F401
 from . import fourierft  # noqa: F401
 from . import loca  # noqa: F401
 from . import shira  # noqa: F401
+from . import lt_sft  # noqa: F401
