@@ -46,6 +46,17 @@ class AdapterConfig:
         self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, option, v,
                       "it must be in [0, 1)")
 
+    def _count_or_fraction(self) -> None:
+        """``count`` (an integer >= 1) or ``fraction`` (in (0, 1]), at most one of them set."""
+        self._require(self.count is None or self.fraction is None, "count", self.count,
+                      f"set either count or fraction (got fraction={self.fraction!r} too), not both")
+        if self.count is not None:
+            self._positive_int("count")
+        if self.fraction is not None:
+            v = self.fraction
+            self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "fraction", v,
+                          "it must be in (0, 1]")
+
     def _seed(self, option: str = "seed") -> None:
         v = getattr(self, option)
         self._require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, option, v,

@@ -19,6 +19,13 @@ from .dtypes import adapter_dtype
 from .geometry import Geometry
 
 
+def add_dense(delta: Delta, x: torch.Tensor, base_out: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """base_out + ΔW x, with a dense (d_out, d_in) ΔW applied as the host's base op would."""
+    if delta.kind != "embedding":  # an embedding's input is ids
+        x = x.to(dw.dtype)
+    return base_out + delta.geometry.project_in(x, dw).to(base_out.dtype)
+
+
 class SparseDelta(Delta):
     """ΔW[rows, cols] = scaling · values, zero elsewhere.
 
@@ -74,10 +81,7 @@ class SparseDelta(Delta):
         return flat.view(self.d_out, self.d_in)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        dw = self.dense()
-        if self.kind != "embedding":  # an embedding's input is ids
-            x = x.to(dw.dtype)
-        return base_out + self.geometry.project_in(x, dw).to(base_out.dtype)
+        return add_dense(self, x, base_out, self.dense())
 
     def delta_weight(self) -> torch.Tensor:
         return self.dense()

@@ -76,6 +76,7 @@ from ..core.delta import Delta
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
+from ..core.sparse import add_dense
 from ..errors import AdapterFileError, ConfigError, ParetuneError
 
 DEFAULT_FRACTION = 0.01  # the reference's ft_params_proportion default (sft_args.py)
@@ -95,14 +96,7 @@ class LtSftConfig(AdapterConfig):
     selection: str = "global"
 
     def validate(self) -> None:
-        self._require(self.count is None or self.fraction is None, "count", self.count,
-                      f"set either count or fraction (got fraction={self.fraction!r} too), not both")
-        if self.count is not None:
-            self._positive_int("count")
-        if self.fraction is not None:
-            v = self.fraction
-            self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "fraction", v,
-                          "it must be in (0, 1]")
+        self._count_or_fraction()
         p = self.phase1_fraction
         self._require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1, "phase1_fraction", p,
                       "it must be in (0, 1) (the share of the steps that train every entry)")
@@ -227,10 +221,7 @@ class LtSftDelta(Delta):
         return self.delta * self.mask if self.sparse else self.delta
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        dw = self.dense()
-        if self.kind != "embedding":  # an embedding's input is ids
-            x = x.to(dw.dtype)
-        return base_out + self.geometry.project_in(x, dw).to(base_out.dtype)
+        return add_dense(self, x, base_out, self.dense())
 
     def delta_weight(self) -> torch.Tensor:
         return self.dense()

@@ -50,14 +50,7 @@ class RandomSparseConfig(AdapterConfig):
     seed: int = 0
 
     def validate(self) -> None:
-        self._require(self.count is None or self.fraction is None, "count", self.count,
-                      f"set either count or fraction (got fraction={self.fraction!r} too), not both")
-        if self.count is not None:
-            self._positive_int("count")
-        if self.fraction is not None:
-            v = self.fraction
-            self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "fraction", v,
-                          "it must be in (0, 1]")
+        self._count_or_fraction()
         self._seed("seed")
 
     def entries(self, d_out: int, d_in: int) -> int:
