@@ -34,7 +34,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer) -> dict[str, Any]:
     """Restore a checkpoint in place; returns it (step, history)."""
-    state = torch.load(Path(path) / FILE, map_location="cpu", weights_only=False)
+    state = torch.load(Path(path) / FILE, map_location="cpu", weights_only=True)  # never unpickles
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state["trainable"].items():
