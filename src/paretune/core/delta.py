@@ -173,3 +173,10 @@ class Delta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.method}: d_in={self.d_in}, d_out={self.d_out}"
+
+
+def add_dense(delta: Delta, x: torch.Tensor, base_out: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """base_out + ΔW x, with a dense (d_out, d_in) ΔW applied as the host's base op would."""
+    if delta.kind != "embedding":  # an embedding's input is ids
+        x = x.to(dw.dtype)
+    return base_out + delta.geometry.project_in(x, dw).to(base_out.dtype)

@@ -14,16 +14,9 @@ from torch import nn
 
 from ..errors import AdapterFileError, ConfigError
 from .config import AdapterConfig
-from .delta import Delta
+from .delta import Delta, add_dense
 from .dtypes import adapter_dtype
 from .geometry import Geometry
-
-
-def add_dense(delta: Delta, x: torch.Tensor, base_out: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """base_out + ΔW x, with a dense (d_out, d_in) ΔW applied as the host's base op would."""
-    if delta.kind != "embedding":  # an embedding's input is ids
-        x = x.to(dw.dtype)
-    return base_out + delta.geometry.project_in(x, dw).to(base_out.dtype)
 
 
 class SparseDelta(Delta):

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..core.bank import Bank
 from ..core.config import AdapterConfig
-from ..core.delta import Delta
+from ..core.delta import Delta, add_dense
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
@@ -146,8 +146,7 @@ class FourierFTDelta(Delta):
 
     # -- the contract ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        dw = self.dense()
-        return base_out + self.geometry.project_in(x.to(dw.dtype), dw).to(base_out.dtype)
+        return add_dense(self, x, base_out, self.dense())
 
     def delta_weight(self) -> torch.Tensor:
         return self.dense()

@@ -83,7 +83,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.delta import Delta
+from ..core.delta import Delta, add_dense
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
@@ -289,7 +289,7 @@ class LocaDelta(Delta):
         x = x.to(dw.dtype)
         if self.drop is not None:
             x = self.drop(x)
-        return base_out + self.geometry.project_in(x, dw).to(base_out.dtype)
+        return add_dense(self, x, base_out, dw)
 
     def delta_weight(self) -> torch.Tensor:
         return self.dense()

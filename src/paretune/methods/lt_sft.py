@@ -72,11 +72,10 @@ from torch import nn
 
 from ..core.bank import Bank
 from ..core.config import AdapterConfig
-from ..core.delta import Delta
+from ..core.delta import Delta, add_dense
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
-from ..core.sparse import add_dense
 from ..errors import AdapterFileError, ConfigError, ParetuneError
 
 DEFAULT_FRACTION = 0.01  # the reference's ft_params_proportion default (sft_args.py)
