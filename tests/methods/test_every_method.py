@@ -34,6 +34,7 @@ EXTRA_OPTIONS: dict[str, dict] = {
     # keeps the random-start ΔW at a size where float32 merge round trips stay within ATOL
     "fourierft": {"n_frequency": 32, "scaling": 1.0},
     "loca": {"n_frequency": 8},  # the paper's 1,000 exceeds the tiny layers
+    "subspace": {"dim": 24},  # the default 1,000 exceeds the tiny models' adapted parameters
 }
 ATOL = 1e-5
 
@@ -286,9 +287,12 @@ def test_count_equals_the_methods_formula(subject, method):
     assert rec.targets, "nothing adapted"
 
     by_formula = 0
+    shapes = []
     for target in rec.targets:
         d_out, d_in = layer_shape(original.get_submodule(target))
+        shapes.append((d_out, d_in))
         by_formula += spec.delta_cls.trainable_formula(d_out, d_in, rec.config)
+    by_formula += spec.delta_cls.shared_formula(shapes, rec.config)  # once per adapter (subspace's θ_d)
     requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     cost = paretune.count(model)

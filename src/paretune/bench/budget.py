@@ -60,7 +60,8 @@ def formula_count(method: str, shapes: Counter, options: dict[str, Any]) -> int:
     """Trainable parameters of ``method`` with ``options`` on layers of these shapes (by formula)."""
     spec = registry.get(method)
     config = spec.config_cls.from_dict(options)
-    return sum(n * spec.delta_cls.trainable_formula(d_out, d_in, config) for (d_out, d_in), n in shapes.items())
+    per_layer = sum(n * spec.delta_cls.trainable_formula(d_out, d_in, config) for (d_out, d_in), n in shapes.items())
+    return per_layer + spec.delta_cls.shared_formula(list(shapes.elements()), config)
 
 
 def trainable_count(model: nn.Module, method: str, options: dict[str, Any] | None = None,

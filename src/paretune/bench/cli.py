@@ -11,8 +11,9 @@ finished runs are kept, unfinished and failed ones are run again.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import typer
 
@@ -171,6 +172,21 @@ def _print_report(files, echo: Callable[[str], None]) -> None:
     echo(f"results: {files.html.parent / 'runs.sqlite'}")
 
 
+@contextmanager
+def resumable(out: Path) -> Iterator[None]:
+    """Around a command that fills ``out/runs.sqlite``: bad input prints ``error: ...`` and exits 2;
+    Ctrl-C says the finished runs are kept and exits 130."""
+    try:
+        yield
+    except ParetuneError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(ERROR_EXIT)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; finished runs are kept in {out / 'runs.sqlite'}. Run the same command again "
+                   "to resume.", err=True)
+        raise typer.Exit(INTERRUPTED_EXIT)
+
+
 def bench_command(
     quick: bool = typer.Option(False, "--quick", help="MiniLM-L6 on city-continent, every method, budget 70,000 "
                                "(LoRA r=2), 1 seed, 150 steps, 2,000 eval examples: minutes on a CPU"),
@@ -198,17 +214,10 @@ def bench_command(
     """Sweep methods x budgets x seeds on a model and task; report quality per parameter (Pareto)."""
     import sys
 
-    try:
+    with resumable(out):
         run_bench(
             quick=quick, model=model, task=task, methods=_split(methods), budgets=list(budget),
             seeds=parse_seeds(seeds), steps=steps, lr=lr, batch_size=batch_size, targets=_split(targets),
             baselines=[] if baselines.strip().lower() in ("", "none") else _split(baselines),
             out=out, report_only=report_only, progress=sys.stderr.isatty(),
         )
-    except ParetuneError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(ERROR_EXIT)
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted; finished runs are kept in {out / 'runs.sqlite'}. Run the same command again "
-                   "to resume.", err=True)
-        raise typer.Exit(INTERRUPTED_EXIT)

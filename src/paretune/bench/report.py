@@ -241,7 +241,7 @@ def plot_png(s: Summary) -> bytes:
 
 # -- HTML -----------------------------------------------------------------------------------
 
-CSS = """
+BASE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
        color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
@@ -249,10 +249,12 @@ table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
 th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.pareto td { background: #eef7ee; font-weight: 600; }
-tr.baseline td:nth-child(2) { font-style: italic; }
 img { max-width: 100%; border: 1px solid #ddd; }
 .note { color: #555; font-size: 0.9em; }
+"""  # the look of every paretune HTML report
+CSS = BASE_CSS + """
+tr.pareto td { background: #eef7ee; font-weight: 600; }
+tr.baseline td:nth-child(2) { font-style: italic; }
 pre { white-space: pre-wrap; font-size: 0.8em; background: #f7f7f7; padding: 0.5em; }
 """
 

@@ -41,6 +41,8 @@ TUNING: dict[str, BenchTuning] = {
     # runs at full fine-tuning's rate: on the quick bench 0.442 at 1e-4 against 0.373 at the adapters'
     # 2e-3 (docs/results.md).
     "lt-sft": BenchTuning(lr=1e-4),
+    # Subspace training's size is dim, for the whole model (not per layer): the budget is dim itself.
+    "subspace": BenchTuning(knob="dim", knob_max=131_072),
     # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
     "vera": BenchTuning(lr=1e-2),
 }

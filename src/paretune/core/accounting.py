@@ -14,13 +14,14 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
     Returns ``trainable`` (numbers the adapter trains: its parameters), ``stored_bytes`` (bytes of
     the tensors :func:`paretune.save` writes, without the small JSON), ``base`` (parameters of the
     model that belong to no adapter) and ``formula`` (the trainable count by the paper's formula,
-    summed over the adapted layers; equal to ``trainable`` for a faithful method).
+    summed over the adapted layers, plus what the adapter shares across them; equal to ``trainable`` for a faithful method).
     """
     from . import registry
 
     names = list(state_of(model).adapters) if name is None else [record_of(model, name).name]
     adapter_params: set[int] = set()
     trainable = stored = formula = 0
+    shapes: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
     for _, host in hosts(model):
         for n in names:
             if n not in host.deltas:
@@ -33,6 +34,10 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
             stored += sum(t.numel() * t.element_size() for t in delta.stored_state().values())
             spec = registry.get(state_of(model).adapters[n].method)
             formula += spec.delta_cls.trainable_formula(delta.d_out, delta.d_in, delta.config)
+            shapes[n].append((delta.d_out, delta.d_in))
+    for n in names:  # what an adapter shares across its layers, once
+        record = state_of(model).adapters[n]
+        formula += registry.get(record.method).delta_cls.shared_formula(shapes[n], record.config)
     all_adapter = {id(p) for _, h in hosts(model) for p in h.deltas.parameters()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in all_adapter)
     return {"trainable": trainable, "stored_bytes": stored, "base": base, "formula": formula}

@@ -46,6 +46,8 @@ class Delta(nn.Module):
     * :meth:`delta_bias`: the change of the bias on merge (default None);
     * :meth:`sparse_delta`: ``(flat positions, values)`` when ΔW is non-zero at a few positions only,
       so merge and unmerge write only those entries (default None; SparseDelta has it);
+    * :meth:`shared_formula` (classmethod): trainable parameters the adapter shares across its
+      layers (held in its bank), counted once (default 0; subspace training's θ_d);
     * :meth:`on_step` ``(step, total)``: called by the trainer after each optimizer step (default
       nothing; LaMDA freezes B by it);
     * with ``shifts_base = True``: :meth:`unshift` and :meth:`restore_base`, for a delta whose
@@ -124,6 +126,12 @@ class Delta(nn.Module):
     def trainable_formula(cls, d_out: int, d_in: int, config: AdapterConfig) -> int:  # pragma: no cover
         """Trainable parameters of one adapted layer of matrix shape (d_out, d_in), per the paper."""
         raise NotImplementedError
+
+    @classmethod
+    def shared_formula(cls, shapes: list[tuple[int, int]], config: AdapterConfig) -> int:
+        """Trainable parameters shared by all the adapter's layers (a parameter of its bank), counted
+        once for the adapter; ``shapes``: (d_out, d_in) of every adapted layer. Default 0."""
+        return 0
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         """The tensors :func:`paretune.save` writes. Default: every parameter of the delta."""

@@ -11,3 +11,4 @@ from . import fourierft  # noqa: F401
 from . import loca  # noqa: F401
 from . import shira  # noqa: F401
 from . import lt_sft  # noqa: F401
+from . import subspace  # noqa: F401
