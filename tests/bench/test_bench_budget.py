@@ -163,3 +163,13 @@ def test_quick_budget_gives_lora_r2_and_fits_every_method_on_minilm():
     for method in paretune.list_methods():  # every built-in method meets the others at the quick budget
         for b in QUICK["budgets"]:
             plan_budget(model, method, b)  # raises BudgetError if it cannot come within a factor 2
+
+
+def test_a_shared_count_is_added_once_not_per_layer(make_bert):
+    """Subspace training's dim is for the whole model: the budget is met by dim itself, and the
+    planned count equals what adapt then trains."""
+    model = make_bert()
+    plan = plan_budget(model, "subspace", 3000)
+    assert plan.options == {"dim": 3000} and plan.trainable == 3000
+    paretune.adapt(model, "subspace", **plan.options)
+    assert paretune.count(model)["trainable"] == paretune.count(model)["formula"] == 3000

@@ -82,7 +82,9 @@ def test_grouped_conv_is_rejected_with_a_clear_error():
 
 
 def test_unsupported_module_has_no_geometry():
-    assert geometry_for(nn.LayerNorm(4)) is None
+    assert geometry_for(nn.LayerNorm(4, elementwise_affine=False)) is None  # no γ to adapt
+    assert geometry_for(nn.ReLU()) is None  # no Linear inside: not a block
+    assert geometry_for(nn.LayerNorm(4)).kind == "norm"
     assert geometry_for(nn.Linear(3, 2)).kind == "linear"
 
 

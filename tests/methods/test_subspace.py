@@ -9,6 +9,8 @@ save / load; merge; seeds; refused options with the model left as it was; a shor
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -136,6 +138,8 @@ def test_counts_and_stored_bytes_are_dim(said, tmp_path):
     expected = {"0.theta_d": (k,)} | ({f"{t}.said_scale": (1,) for t in TARGETS} if said else {})
     assert {n: tuple(t.shape) for n, t in tensors.items()} == expected
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == 400
+    config = json.loads((tmp_path / "a" / "paretune.json").read_text())["config"]
+    assert config["seed"] == 0 and config["projection"] == "fastfood"  # P comes back from these
 
 
 @pytest.mark.parametrize("projection", ["fastfood", "dense"])

@@ -208,8 +208,101 @@ class Conv2dGeometry(Geometry):
         return 1
 
 
+class NormGeometry(Geometry):
+    """A normalisation layer with a per-channel scale γ (``nn.LayerNorm``, ``nn.RMSNorm`` and the
+    RMSNorm classes of transformers models): out = γ ⊙ x̂ (+ β). Its matrix view is γ as a
+    (d, 1) column, so that a change of γ merges like any ΔW; :meth:`normalized` gives x̂."""
+
+    kind = "norm"
+
+    @property
+    def d_out(self) -> int:
+        return self.base.weight.numel()
+
+    @property
+    def d_in(self) -> int:
+        return 1
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.weight.view(-1, 1)
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(self.base.weight.shape)
+
+    @property
+    def rms(self) -> bool:
+        """An RMSNorm (no centring, no bias) rather than a LayerNorm."""
+        return not isinstance(self.base, nn.LayerNorm)
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂: the input normalised as the base does it, before its scale and shift (float32 inside,
+        returned in x's dtype, as transformers' RMSNorm computes)."""
+        b = self.base
+        eps = getattr(b, "eps", None)
+        eps = getattr(b, "variance_epsilon", 1e-6) if eps is None else eps
+        if not self.rms:
+            return F.layer_norm(x, b.normalized_shape, None, None, eps)
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class BlockGeometry(Geometry):
+    """A sub-layer of a network taken whole (an attention or MLP block, BERT's output block): a map
+    of the hidden states, d_in = d_out = its output width (that of its last Linear). It has no
+    matrix of its own: methods on it (bottleneck adapters) add modules around it and do not merge."""
+
+    kind = "block"
+
+    def __init__(self, base: nn.Module, last: nn.Module):
+        super().__init__(base)
+        self.last = last
+
+    @property
+    def d_out(self) -> int:
+        return self.last.out_features if isinstance(self.last, nn.Linear) else self.last.weight.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.d_out
+
+    @property
+    def weight(self) -> torch.Tensor:  # dtype and device of the block
+        return self.last.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None
+
+    def matrix(self) -> torch.Tensor:
+        raise TargetError(f"a {type(self.base).__name__} block has no weight matrix to merge into")
+
+    def to_native(self, delta: torch.Tensor) -> torch.Tensor:
+        raise TargetError(f"a {type(self.base).__name__} block has no weight matrix to merge into")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return False
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine
+    rms = getattr(nn, "RMSNorm", None)
+    return (rms is not None and isinstance(module, rms)) or type(module).__name__.endswith("RMSNorm")
+
+
+def _last_linear(module: nn.Module) -> nn.Module | None:
+    """The last Linear / Conv1D registered under ``module`` (its output projection), if any."""
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.Linear) or (Conv1D is not None and isinstance(m, Conv1D)):
+            last = m
+    return last
+
+
 def geometry_for(module: nn.Module) -> Geometry | None:
-    """The geometry of a supported base module, or None if its kind is not supported."""
+    """The geometry of a supported base module, or None if its kind is not supported: Linear,
+    GPT-2 Conv1D, Embedding, Conv2d, a normalisation layer, or a block (a module with its own
+    forward and a Linear inside, hosted whole by methods that declare the "block" kind)."""
     if isinstance(module, nn.Linear):
         return LinearGeometry(module)
     if Conv1D is not None and isinstance(module, Conv1D):
@@ -218,6 +311,12 @@ def geometry_for(module: nn.Module) -> Geometry | None:
         return EmbeddingGeometry(module)
     if isinstance(module, nn.Conv2d):
         return Conv2dGeometry(module)
+    if _is_norm(module):
+        return NormGeometry(module)
+    if type(module).forward is not nn.Module.forward and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        last = _last_linear(module)
+        if last is not None:
+            return BlockGeometry(module, last)
     return None
 
 

@@ -141,3 +141,26 @@ class Host(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={list(self.merged)}"
+
+
+class BlockHost(Host):
+    """A host around a whole sub-layer (kind "block": an attention or MLP block), called as the
+    model calls that block: the hidden states are the first positional argument or the
+    ``hidden_states`` keyword, and a tuple output (attention's (output, weights)) has its first
+    element adapted. Its deltas add modules around the block (``forward(x, base_out)``, x the
+    block's input hidden states); nothing merges into a block."""
+
+    def forward(self, *args, **kwargs):
+        base = self._modules["base"]
+        x = args[0] if args else kwargs.get("hidden_states")
+        out = base(*args, **kwargs)
+        if x is None:
+            raise ParetuneError(f"{type(base).__name__} was called without hidden states (first argument or "
+                                "hidden_states=...); a block adapter cannot find its input.")
+        if self.plan is not None:
+            raise ParetuneError("per-sample adapters are not offered on block adapters; run each adapter's rows "
+                                "as their own batch.")
+        main = out[0] if isinstance(out, tuple) else out
+        for delta in self.route()[1]:
+            main = delta(x, main)
+        return (main, *out[1:]) if isinstance(out, tuple) else main

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import TargetError
 from .geometry import geometry_for
-from .host import Host
+from .host import BlockHost, Host
 from .state import ModelState
 
 Targets = Union[str, Sequence[str], None]
@@ -18,13 +18,16 @@ LINEAR_KINDS = ("linear", "conv1d")
 
 
 def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of the model's modules, not descending into hosts (a host stands for the
-    module it wraps, under the same name)."""
+    """(name, module) of the model's modules; a host stands for the module it wraps, under the
+    same name, and is not descended into, except a block host (a whole sub-layer), whose base's
+    children are listed under its name."""
 
     def walk(prefix: str, module: nn.Module):
         yield prefix, module
         if isinstance(module, Host):
-            return
+            if module.kind != "block":
+                return
+            module = module.base
         for child_name, child in module._modules.items():
             if child is not None:
                 yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
@@ -141,6 +144,8 @@ def match_targets(model: nn.Module, targets: Targets, kinds: Sequence[str], meth
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, Host):  # inside a block host: the child belongs to the wrapped module
+        parent = parent.base
     setattr(parent, child, new)
 
 
@@ -150,7 +155,7 @@ def wrap(model: nn.Module, name: str, state: ModelState) -> Host:
     module = model.get_submodule(name)
     if isinstance(module, Host):
         return module
-    host = Host(module, state)
+    host = BlockHost(module, state) if kind_of(module) == "block" else Host(module, state)
     _set_module(model, name, host)
     return host
 

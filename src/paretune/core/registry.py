@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from .config import AdapterConfig
     from .delta import Delta
 
-ALL_KINDS = ("linear", "conv1d", "embedding", "conv2d")
+ALL_KINDS = ("linear", "conv1d", "embedding", "conv2d")  # the weight-matrix kinds (a method's default)
+KNOWN_KINDS = ALL_KINDS + ("norm", "block")  # plus normalisation layers and whole sub-layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class MethodSpec:
     delta_cls: type["Delta"]
     summary: str  # one line: what the method is, with its paper
     formula: str  # trainable parameters of one adapted (d_out x d_in) layer, as text
-    kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d
+    kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d, norm, block
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -46,9 +47,9 @@ def register(
     def deco(cls: type["Delta"]) -> type["Delta"]:
         if name in _METHODS and _METHODS[name].delta_cls is not cls:
             raise ConfigError(f"method {name!r} is registered twice; pick another name or unregister the first.")
-        unknown = [k for k in kinds if k not in ALL_KINDS]
+        unknown = [k for k in kinds if k not in KNOWN_KINDS]
         if unknown:
-            raise ConfigError(f"method {name!r}: unknown host kinds {unknown}; choose from {', '.join(ALL_KINDS)}.")
+            raise ConfigError(f"method {name!r}: unknown host kinds {unknown}; choose from {', '.join(KNOWN_KINDS)}.")
         if cls.mergeable and cls.delta_weight is Delta.delta_weight:
             raise ConfigError(
                 f"method {name!r}: {cls.__name__} is mergeable (the default) but does not implement delta_weight(); "

@@ -159,6 +159,9 @@ def train_digits(
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup_steps, schedule)
         loss = nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+        if not torch.isfinite(loss):
+            raise ParetuneError(f"{method} diverged at step {step + 1} of {steps} (loss {float(loss)}); "
+                                f"lower the learning rate (lr={lr:g}).")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

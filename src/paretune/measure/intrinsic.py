@@ -9,7 +9,8 @@ Effectiveness of Language Model Fine-Tuning", measure it for fine-tuning pretrai
 
 What :func:`intrinsic_dimension` does, with its choices stated:
 
-* One full run (every parameter trains: the baseline), then one run per ``d`` in ``dims``
+* One full run (every parameter trains: the baseline; on a classification task its new head at
+  the bench's head rate, 5e-3, as the bench's ``full`` baseline), then one run per ``d`` in ``dims``
   (ascending), each on a fresh copy of the same θ0 adapted with the ``subspace`` method
   (``paretune.adapt(model, "subspace", dim=d, ...)``), evaluated on the task's held-out split.
 * θ0: for ``digits-mlp``, the seeded random init of the MLP (the paper trains from scratch in the
@@ -202,6 +203,7 @@ class _Problem:
     train: Callable[[nn.Module, str, dict, Sequence[str] | None, dict], dict]  # (copy, method, options, targets, hp)
     max_eval: int | None = None
     max_train: int | None = None
+    full_head_lr: float | None = None  # the full run's task-head rate (the bench's full baseline recipe)
 
 
 def _digits_problem(seed: int) -> _Problem:
@@ -218,7 +220,7 @@ def _digits_problem(seed: int) -> _Problem:
 
 def _text_problem(model: str, task: str, seed: int, max_train: int | None, max_eval: int | None) -> _Problem:
     from .. import models
-    from ..bench.sweep import default_lr
+    from ..bench.sweep import DEFAULT_LR, default_lr
     from ..data.tasks import get_task
     from ..training.trainer import train as train_text
 
@@ -238,11 +240,13 @@ def _text_problem(model: str, task: str, seed: int, max_train: int | None, max_e
     def train(copy_, method, options, targets_, hp):
         result = train_text(copy_, train_ds, eval_ds, tokenizer=tokenizer, method=method, options=options,
                             targets=list(targets_) if targets_ else None, train_head=False, steps=hp["steps"],
-                            lr=hp["lr"], batch_size=hp["batch_size"], seed=hp["seed"], progress=hp["progress"])
+                            lr=hp["lr"], head_lr=hp.get("head_lr"), batch_size=hp["batch_size"], seed=hp["seed"],
+                            progress=hp["progress"])
         return dict(result.metrics, train_examples=len(train_ds), eval_examples=len(eval_ds))
 
     defaults = dict(TEXT_DEFAULTS, lr=default_lr(METHOD), full_lr=default_lr("full"))
-    return _Problem(model, task, t.metric, net, targets, defaults, train, max_eval, max_train)
+    head_lr = DEFAULT_LR["head"] if classification else None
+    return _Problem(model, task, t.metric, net, targets, defaults, train, max_eval, max_train, head_lr)
 
 
 def _problem(model: str | None, task: str | None, seed: int, max_train: int | None, max_eval: int | None) -> _Problem:
@@ -365,7 +369,7 @@ def intrinsic_dimension(
 
     targets = tuple(prob.targets)
     full_spec = MeasureSpec(prob.model, prob.task, "full", {}, None, seed, steps, full_lr, batch_size, None, None,
-                            prob.max_eval, None, prob.max_train)
+                            prob.max_eval, prob.full_head_lr, prob.max_train)
     sub_specs = [MeasureSpec(prob.model, prob.task, METHOD,
                              {"dim": d, "projection": projection, "said": said, "seed": seed}, d, seed, steps, lr,
                              batch_size, targets, d, prob.max_eval, None, prob.max_train) for d in dims]
@@ -389,6 +393,8 @@ def intrinsic_dimension(
                 env = env or environment()
                 store.start(run_id, run_dir)
                 hp = dict(hp_common, lr=full_lr if d is None else lr)
+                if d is None and prob.full_head_lr is not None:
+                    hp["head_lr"] = prob.full_head_lr
                 try:
                     net = _fresh(prob.base)
                     t0 = time.perf_counter()
