@@ -27,8 +27,8 @@ def adapt(
 ) -> nn.Module:
     """Add adapter ``name`` of ``method`` to ``model`` in place and return the model.
 
-    ``targets``: ``None`` / ``"all-linear"`` (every Linear and GPT-2 Conv1D but the output
-    head), a regex matching whole module names, or a list of module names or suffixes.
+    ``targets``: ``None`` (the method's default targets, else "all-linear"), ``"all-linear"``
+    (every Linear and GPT-2 Conv1D but the output head), a regex matching whole module names, or a list of module names or suffixes.
     ``options`` are the method's config fields (``paretune methods`` lists them); unknown or
     out-of-range ones raise :class:`paretune.errors.ConfigError`.
 
@@ -46,7 +46,7 @@ def adapt(
             f"this model already has an adapter named {name!r}; pass another name=, or delete it with "
             f"paretune.remove(model, {name!r}) first."
         )
-    names = match_targets(model, targets, spec.kinds, spec.name)
+    names = match_targets(model, spec.targets_for(model, targets), spec.kinds, spec.name)
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in trainable:
         p.requires_grad_(False)

@@ -64,3 +64,27 @@ def test_a_taken_name_and_an_unknown_kind_are_refused():
     with pytest.raises(ConfigError, match="unknown host kinds"):
         register("probe-kinds", config=_Cfg, summary="s", formula="0", kinds=("lstm",))(_Gate)
     assert registry.get("lora").delta_cls.__name__ == "LoraDelta"
+
+
+def test_default_targets_and_module_names_reach_the_delta(make_llama):
+    seen = []
+
+    class Named(_Gate):
+        def __init__(self, geometry, config, *, bank=None, layer=0):
+            super().__init__(geometry, config, bank=bank, layer=layer)
+            seen.append(geometry.name)
+
+    register("probe-named", config=_Cfg, summary="s", formula="0", default_targets=lambda model: ["v_proj"])(Named)
+    try:
+        import paretune
+        from paretune.bench.budget import layer_shapes
+
+        model = make_llama()
+        paretune.adapt(model, "probe-named")
+        assert paretune.adapters(model)["default"].targets == seen == [
+            "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+        assert sum(layer_shapes(make_llama(), "probe-named").values()) == 2  # the budget sees the same layers
+        paretune.adapt(model, "probe-named", name="other", targets=["q_proj"])  # given targets win
+        assert paretune.adapters(model)["other"].targets[0].endswith("q_proj")
+    finally:
+        unregister("probe-named")

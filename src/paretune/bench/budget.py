@@ -50,7 +50,7 @@ def layer_shapes(model: nn.Module, method: str, targets: Targets = None) -> Coun
     :class:`paretune.errors.TargetError` when the method can adapt none of the targets."""
     spec = registry.get(method)
     shapes: Counter = Counter()
-    for name in match_targets(model, targets, spec.kinds, spec.name):
+    for name in match_targets(model, spec.targets_for(model, targets), spec.kinds, spec.name):
         g = geometry_for(model.get_submodule(name))
         shapes[(g.d_out, g.d_in)] += 1
     return shapes

@@ -156,6 +156,7 @@ def wrap(model: nn.Module, name: str, state: ModelState) -> Host:
     if isinstance(module, Host):
         return module
     host = BlockHost(module, state) if kind_of(module) == "block" else Host(module, state)
+    host.geometry.name = name
     _set_module(model, name, host)
     return host
 

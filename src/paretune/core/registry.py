@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ConfigError
 
@@ -30,6 +30,11 @@ class MethodSpec:
     summary: str  # one line: what the method is, with its paper
     formula: str  # trainable parameters of one adapted (d_out x d_in) layer, as text
     kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d, norm, block
+    default_targets: Callable[[Any], Any] | None = None  # model -> its targets when adapt gets none
+
+    def targets_for(self, model: Any, targets: Any) -> Any:
+        """``targets``, or the method's default targets for ``model`` when it is None."""
+        return self.default_targets(model) if targets is None and self.default_targets is not None else targets
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -37,8 +42,12 @@ _METHODS: dict[str, MethodSpec] = {}
 
 def register(
     name: str, *, config: type["AdapterConfig"], summary: str, formula: str, kinds: tuple[str, ...] = ALL_KINDS,
+    default_targets: Callable[[Any], Any] | None = None,
 ) -> Callable[[type["Delta"]], type["Delta"]]:
     """Class decorator registering a Delta class and its config dataclass under ``name``.
+
+    ``default_targets(model)``: the targets ``paretune.adapt`` uses when given none (e.g. IA3's
+    keys, values and feed-forward layers of the model's architecture); without it, "all-linear".
 
     Refused with a clear error: a name taken by another class, an unknown host kind, and a class
     declared ``mergeable`` (the default) that does not implement ``delta_weight``."""
@@ -57,7 +66,7 @@ def register(
             )
         config.method = name
         cls.method = name
-        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, tuple(kinds))
+        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, tuple(kinds), default_targets)
         return cls
 
     return deco
