@@ -46,7 +46,7 @@ def adapt(
             f"this model already has an adapter named {name!r}; pass another name=, or delete it with "
             f"paretune.remove(model, {name!r}) first."
         )
-    names = match_targets(model, spec.targets_for(model, targets), spec.kinds, spec.name)
+    names = match_targets(model, spec.targets_for(model, targets, config), spec.kinds, spec.name)
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in trainable:
         p.requires_grad_(False)

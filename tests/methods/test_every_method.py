@@ -17,6 +17,7 @@ from torch import nn
 
 import paretune
 from paretune.core import registry
+from paretune.core.geometry import geometry_for
 from paretune.core.host import Host
 from paretune.errors import ParetuneError
 
@@ -35,6 +36,9 @@ EXTRA_OPTIONS: dict[str, dict] = {
     "fourierft": {"n_frequency": 32, "scaling": 1.0},
     "loca": {"n_frequency": 8},  # the paper's 1,000 exceeds the tiny layers
     "subspace": {"dim": 24},  # the default 1,000 exceeds the tiny models' adapted parameters
+    "bottleneck": {"bottleneck": 4},  # the default reduction factor 16 leaves no bottleneck on 16-wide layers
+    "compacter": {"bottleneck": 4},
+    "bitfit": {"add_missing": True},  # the tiny Llama's Linears have no bias
 }
 ATOL = 1e-5
 
@@ -77,7 +81,14 @@ def subject(request) -> Subject:
 
 
 def targets_for(subject: Subject, method: str, model: nn.Module):
-    """all-linear for the Linear models; for the mixed model, its modules of kinds the method supports."""
+    """The method's default targets (all-linear without them) on the Llama; all-linear on the MLP (a
+    method's transformer placements do not exist there); for the mixed model, its modules of kinds
+    the method supports."""
+    spec = registry.get(method)
+    if subject.name == "mlp" and spec.default_targets is not None:
+        if "linear" not in spec.kinds:
+            pytest.skip(f"{method} adapts no Linear layer")
+        return "all-linear"
     if subject.name != "mixed":
         return None
     kinds = {"emb": "embedding", "proj": "conv1d", "conv": "conv2d"}
@@ -131,6 +142,12 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return module.out_channels, module.in_channels * kh * kw
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:  # a LayerNorm / RMSNorm: γ as a column
+        return weight.numel(), 1
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if linears:  # a whole block: the width of its output projection (its last Linear)
+        return linears[-1].out_features, linears[-1].out_features
     raise AssertionError(f"unexpected adapted module {type(module).__name__}")
 
 
@@ -289,9 +306,11 @@ def test_count_equals_the_methods_formula(subject, method):
     by_formula = 0
     shapes = []
     for target in rec.targets:
-        d_out, d_in = layer_shape(original.get_submodule(target))
-        shapes.append((d_out, d_in))
-        by_formula += spec.delta_cls.trainable_formula(d_out, d_in, rec.config)
+        g = geometry_for(original.get_submodule(target))  # the unadapted module, named as in the model
+        g.name = target
+        assert (g.d_out, g.d_in) == layer_shape(original.get_submodule(target))
+        shapes.append((g.d_out, g.d_in))
+        by_formula += spec.delta_cls.layer_formula(g, rec.config)
     by_formula += spec.delta_cls.shared_formula(shapes, rec.config)  # once per adapter (subspace's θ_d)
     requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -333,7 +352,11 @@ def test_float64_model_round_trips_at_float64_precision(method):
     model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8)).double()
     model.load_state_dict(original.state_dict())
     model.eval()
-    paretune.adapt(model, method, **small_options(method))
+    spec = registry.get(method)
+    if "linear" not in spec.kinds:
+        pytest.skip(f"{method} adapts no Linear layer")
+    targets = "all-linear" if spec.default_targets is not None else None  # no transformer sites in a Sequential
+    paretune.adapt(model, method, targets=targets, **small_options(method))
     perturb(model)
     x = torch.randn(4, 16, dtype=torch.float64)
     with torch.no_grad():

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..core import registry
-from ..core.geometry import geometry_for
+from ..core.delta import Delta
+from ..core.geometry import Geometry, geometry_for
 from ..core.inject import Targets, match_targets
 from ..errors import ParetuneError
 from .tuning import tuning_of
@@ -45,29 +46,53 @@ def knob_of(spec: registry.MethodSpec) -> str | None:
     return tuning_of(spec.name).knob or ("r" if "r" in spec.config_cls.options() else None)
 
 
-def layer_shapes(model: nn.Module, method: str, targets: Targets = None) -> Counter:
-    """``Counter({(d_out, d_in): how many targeted layers have that shape})``. Raises
-    :class:`paretune.errors.TargetError` when the method can adapt none of the targets."""
+def layers(model: nn.Module, method: str, targets: Targets = None,
+           options: dict[str, Any] | None = None) -> list[Geometry]:
+    """The geometries (named) of the layers ``method`` would adapt (``options``: the method's, where
+    they choose its default sites). Raises :class:`paretune.errors.TargetError` when the method can
+    adapt none of the targets."""
     spec = registry.get(method)
-    shapes: Counter = Counter()
-    for name in match_targets(model, spec.targets_for(model, targets), spec.kinds, spec.name):
+    config = spec.config_cls.from_dict(dict(options or {}))
+    out = []
+    for name in match_targets(model, spec.targets_for(model, targets, config), spec.kinds, spec.name):
         g = geometry_for(model.get_submodule(name))
-        shapes[(g.d_out, g.d_in)] += 1
-    return shapes
+        g.name = name
+        out.append(g)
+    return out
 
 
-def formula_count(method: str, shapes: Counter, options: dict[str, Any]) -> int:
-    """Trainable parameters of ``method`` with ``options`` on layers of these shapes (by formula)."""
+def layer_shapes(model: nn.Module, method: str, targets: Targets = None,
+                 options: dict[str, Any] | None = None) -> Counter:
+    """``Counter({(d_out, d_in): how many targeted layers have that shape})`` (see :func:`layers`)."""
+    return Counter((g.d_out, g.d_in) for g in layers(model, method, targets, options))
+
+
+def _compact(cls: type[Delta], layers_: Counter | Sequence[Geometry]) -> Counter | Sequence[Geometry]:
+    """Layers grouped by shape, unless the method's count needs each layer (its ``layer_formula``)."""
+    if isinstance(layers_, Counter) or cls.layer_formula.__func__ is not Delta.layer_formula.__func__:
+        return layers_
+    return Counter((g.d_out, g.d_in) for g in layers_)
+
+
+def formula_count(method: str, shapes: Counter | Sequence[Geometry], options: dict[str, Any]) -> int:
+    """Trainable parameters of ``method`` with ``options`` on these layers, by formula: ``shapes``
+    is a Counter of (d_out, d_in) or the layers' geometries (needed by a method whose count depends
+    on more than the shape: it overrides ``layer_formula``)."""
     spec = registry.get(method)
     config = spec.config_cls.from_dict(options)
-    per_layer = sum(n * spec.delta_cls.trainable_formula(d_out, d_in, config) for (d_out, d_in), n in shapes.items())
-    return per_layer + spec.delta_cls.shared_formula(list(shapes.elements()), config)
+    cls = spec.delta_cls
+    shapes = _compact(cls, shapes)
+    if not isinstance(shapes, Counter):
+        per_layer = sum(cls.layer_formula(g, config) for g in shapes)
+        return per_layer + cls.shared_formula([(g.d_out, g.d_in) for g in shapes], config)
+    per_layer = sum(n * cls.trainable_formula(d_out, d_in, config) for (d_out, d_in), n in shapes.items())
+    return per_layer + cls.shared_formula(list(shapes.elements()), config)
 
 
 def trainable_count(model: nn.Module, method: str, options: dict[str, Any] | None = None,
                     targets: Targets = None) -> int:
     """Trainable parameters ``paretune.adapt(model, method, targets=targets, **options)`` would add."""
-    return formula_count(method, layer_shapes(model, method, targets), dict(options or {}))
+    return formula_count(method, layers(model, method, targets, options), dict(options or {}))
 
 
 def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targets = None,
@@ -80,7 +105,8 @@ def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targ
     """
     spec = registry.get(method)
     base = dict(options or {})
-    shapes = layer_shapes(model, method, targets)
+    geoms = layers(model, method, targets, base)
+    shapes = _compact(spec.delta_cls, geoms)
     knob = knob_of(spec)
     if knob is None or budget is None:
         return BudgetMatch(spec.name, budget, None, base, formula_count(method, shapes, base))
@@ -88,7 +114,7 @@ def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targ
         raise BudgetError(f"budget={budget!r} is invalid; give a number of trainable parameters >= 1.")
     if knob in base:
         raise BudgetError(f"{method}: option {knob!r} is what the budget sets; do not fix it as well.")
-    top = tuning_of(spec.name).knob_max or min(min(shape) for shape in shapes)
+    top = tuning_of(spec.name).knob_max or min(min(g.d_out, g.d_in) for g in geoms)
     best: tuple[int, int] | None = None  # (count, value)
     low = high = None
     errors: list[str] = []
@@ -109,7 +135,7 @@ def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targ
     if tolerance is not None and not (budget / tolerance <= count <= budget * tolerance):
         raise BudgetError(
             f"{method}: no {knob} fits a budget of {budget:,} trainable parameters on these "
-            f"{sum(shapes.values())} layers; the closest is {knob}={value} with {count:,}. "
+            f"{len(geoms)} layers; the closest is {knob}={value} with {count:,}. "
             f"{method} reaches {low:,} ({knob}=1) to {high:,} ({knob}={top}); choose a budget in that range."
         )
     return BudgetMatch(spec.name, budget, knob, {**base, knob: value}, count)
@@ -130,5 +156,5 @@ def budgets_for_knob_values(model: nn.Module, method: str, values: Sequence[int]
     knob = knob_of(spec)
     if knob is None:
         raise BudgetError(f"{method} has no size option to set.")
-    shapes = layer_shapes(model, method, targets)
+    shapes = layers(model, method, targets)
     return [formula_count(method, shapes, {knob: v}) for v in values]

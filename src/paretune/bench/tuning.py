@@ -43,6 +43,10 @@ TUNING: dict[str, BenchTuning] = {
     "lt-sft": BenchTuning(lr=1e-4),
     # Subspace training's size is dim, for the whole model (not per layer): the budget is dim itself.
     "subspace": BenchTuning(knob="dim", knob_max=131_072),
+    # A bottleneck adapter's size is its bottleneck width m (2·d·m + m + d per adapted sub-layer),
+    # up to the layer width. Compacter has no knob: its point is its fixed, tiny size (the bench
+    # runs it at its defaults).
+    "bottleneck": BenchTuning(knob="bottleneck"),
     # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
     "vera": BenchTuning(lr=1e-2),
 }

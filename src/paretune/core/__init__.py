@@ -8,7 +8,7 @@ What a method author needs (see docs/adding-a-method.md)::
 
 from .bank import Bank
 from .config import AdapterConfig
-from .delta import Delta
+from .delta import Delta, SharedInBank
 from .dtypes import adapter_dtype
 from .geometry import Geometry
 from .lowrank import LowRankDelta

@@ -33,7 +33,7 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
                     trainable += p.numel()
             stored += sum(t.numel() * t.element_size() for t in delta.stored_state().values())
             spec = registry.get(state_of(model).adapters[n].method)
-            formula += spec.delta_cls.trainable_formula(delta.d_out, delta.d_in, delta.config)
+            formula += spec.delta_cls.layer_formula(delta.geometry, delta.config)
             shapes[n].append((delta.d_out, delta.d_in))
     for n in names:  # what an adapter shares across its layers, once
         record = state_of(model).adapters[n]

@@ -46,6 +46,8 @@ class Delta(nn.Module):
     * :meth:`delta_bias`: the change of the bias on merge (default None);
     * :meth:`sparse_delta`: ``(flat positions, values)`` when ΔW is non-zero at a few positions only,
       so merge and unmerge write only those entries (default None; SparseDelta has it);
+    * :meth:`layer_formula` (classmethod): the count on one layer when it depends on more than its
+      shape (default: :meth:`trainable_formula` of the shape);
     * :meth:`shared_formula` (classmethod): trainable parameters the adapter shares across its
       layers (held in its bank), counted once (default 0; subspace training's θ_d);
     * :meth:`on_step` ``(step, total)``: called by the trainer after each optimizer step (default
@@ -128,6 +130,13 @@ class Delta(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def layer_formula(cls, geometry: Geometry, config: AdapterConfig) -> int:
+        """Trainable parameters of this method on the layer ``geometry`` describes (its shape, its
+        name in the model, its bias). Default: :meth:`trainable_formula` of its shape; override it
+        when the count depends on more (IA3's feed-forward layers, a norm without β)."""
+        return cls.trainable_formula(geometry.d_out, geometry.d_in, config)
+
+    @classmethod
     def shared_formula(cls, shapes: list[tuple[int, int]], config: AdapterConfig) -> int:
         """Trainable parameters shared by all the adapter's layers (a parameter of its bank), counted
         once for the adapter; ``shapes``: (d_out, d_in) of every adapted layer. Default 0."""
@@ -188,3 +197,28 @@ def add_dense(delta: Delta, x: torch.Tensor, base_out: torch.Tensor, dw: torch.T
     if delta.kind != "embedding":  # an embedding's input is ids
         x = x.to(dw.dtype)
     return base_out + delta.geometry.project_in(x, dw).to(base_out.dtype)
+
+
+class SharedInBank(Delta):
+    """A delta whose adapter also trains tensors held on its bank (one parameter for all layers:
+    subspace training's θ_d, Compacter's shared PHM rule). Lists their names in ``shared_names``;
+    saves them once, with the adapter's first layer, beside each layer's own parameters, and
+    loads them back the same way. Count them with :meth:`Delta.shared_formula`."""
+
+    shared_names: ClassVar[tuple[str, ...]] = ()
+
+    def _stored(self) -> dict[str, torch.Tensor]:
+        out = {n: p for n, p in self.named_parameters() if not n.startswith("bank.")}
+        if self.layer == 0:
+            out.update({n: getattr(self.bank, n) for n in self.shared_names})
+        return out
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """Each layer's own parameters; the shared ones with the first layer."""
+        return {n: t.detach() for n, t in self._stored().items()}
+
+    @torch.no_grad()
+    def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        self.check_stored(state, where)
+        for name, target in self._stored().items():
+            target.copy_(state[name].to(target.dtype))

@@ -30,11 +30,19 @@ class MethodSpec:
     summary: str  # one line: what the method is, with its paper
     formula: str  # trainable parameters of one adapted (d_out x d_in) layer, as text
     kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d, norm, block
-    default_targets: Callable[[Any], Any] | None = None  # model -> its targets when adapt gets none
+    default_targets: Callable[..., Any] | None = None  # (model[, config]) -> its targets when adapt gets none
 
-    def targets_for(self, model: Any, targets: Any) -> Any:
-        """``targets``, or the method's default targets for ``model`` when it is None."""
-        return self.default_targets(model) if targets is None and self.default_targets is not None else targets
+    def targets_for(self, model: Any, targets: Any, config: "AdapterConfig | None" = None) -> Any:
+        """``targets``, or the method's default targets for ``model`` (and ``config``, for a method
+        whose options choose its sites, e.g. an adapter's placement) when it is None."""
+        if targets is not None or self.default_targets is None:
+            return targets
+        import inspect
+
+        takes_config = len(inspect.signature(self.default_targets).parameters) >= 2
+        if not takes_config:
+            return self.default_targets(model)
+        return self.default_targets(model, config if config is not None else self.config_cls())
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -42,12 +50,13 @@ _METHODS: dict[str, MethodSpec] = {}
 
 def register(
     name: str, *, config: type["AdapterConfig"], summary: str, formula: str, kinds: tuple[str, ...] = ALL_KINDS,
-    default_targets: Callable[[Any], Any] | None = None,
+    default_targets: Callable[..., Any] | None = None,
 ) -> Callable[[type["Delta"]], type["Delta"]]:
     """Class decorator registering a Delta class and its config dataclass under ``name``.
 
-    ``default_targets(model)``: the targets ``paretune.adapt`` uses when given none (e.g. IA3's
-    keys, values and feed-forward layers of the model's architecture); without it, "all-linear".
+    ``default_targets(model)`` or ``default_targets(model, config)``: the targets
+    ``paretune.adapt`` uses when given none (e.g. IA3's keys, values and feed-forward layers of the
+    model's architecture, an adapter's placement); without it, "all-linear".
 
     Refused with a clear error: a name taken by another class, an unknown host kind, and a class
     declared ``mergeable`` (the default) that does not implement ``delta_weight``."""

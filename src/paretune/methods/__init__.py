@@ -12,3 +12,7 @@ from . import loca  # noqa: F401
 from . import shira  # noqa: F401
 from . import lt_sft  # noqa: F401
 from . import subspace  # noqa: F401
+from . import ia3  # noqa: F401
+from . import bitfit  # noqa: F401
+from . import ln_tuning  # noqa: F401
+from . import bottleneck, compacter  # noqa: F401

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..core.bank import Bank
 from ..core.config import AdapterConfig
-from ..core.delta import Delta, add_dense
+from ..core.delta import SharedInBank, add_dense
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.registry import register
@@ -107,9 +107,11 @@ def check_dim(config: SubspaceConfig, sizes: list[int]) -> None:
             "random (Fastfood or dense) projection of a dim-vector shared by all layers",
     formula="dim for the whole adapter, shared by its layers (said=True: dim − m shared + 1 per layer)",
 )
-class SubspaceDelta(Delta):
+class SubspaceDelta(SharedInBank):
     """This layer's block of P (a projection module) and, with SAID, its scale; θ_d lives in the
-    bank, the same parameter in every layer of the adapter."""
+    bank, the same parameter in every layer of the adapter, saved once with the first layer."""
+
+    shared_names = ("theta_d",)
 
     @classmethod
     def make_bank(cls, geometries: list[Geometry], config: SubspaceConfig) -> Bank:
@@ -177,22 +179,6 @@ class SubspaceDelta(Delta):
 
     def delta_bias(self) -> torch.Tensor | None:
         return self.deltas()[1]
-
-    def _stored(self) -> dict[str, torch.Tensor]:
-        out = {"theta_d": self.theta_d} if self.layer == 0 else {}
-        if self.said_scale is not None:
-            out["said_scale"] = self.said_scale
-        return out
-
-    def stored_state(self) -> dict[str, torch.Tensor]:
-        """θ_d with the adapter's first module, SAID's scale with every module."""
-        return {n: t.detach() for n, t in self._stored().items()}
-
-    @torch.no_grad()
-    def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
-        self.check_stored(state, where)
-        for name, target in self._stored().items():
-            target.copy_(state[name].to(target.dtype))
 
     @classmethod
     def trainable_formula(cls, d_out: int, d_in: int, config: SubspaceConfig) -> int:
