@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .core import registry
+from .core import quant, registry
 from .core.host import Host
 from .core.inject import Targets, hosts, match_targets, unwrap, wrap
 from .core.serving import SamplePlan
@@ -23,6 +23,7 @@ def adapt(
     *,
     name: str = "default",
     targets: Targets = None,
+    bits: int | None = None,
     **options,
 ) -> nn.Module:
     """Add adapter ``name`` of ``method`` to ``model`` in place and return the model.
@@ -32,12 +33,18 @@ def adapt(
     ``options`` are the method's config fields (``paretune methods`` lists them); unknown or
     out-of-range ones raise :class:`paretune.errors.ConfigError`.
 
+    ``bits`` (1, 2, 4 or 8) makes a k-bit adapter (:mod:`paretune.core.quant`): its weight tensors
+    train quantised (straight-through) and are saved packed at that many bits, plus two numbers
+    per tensor.
+
     Every other parameter (the base, earlier adapters) is frozen; the new adapter's are
     trainable. The new adapter is
     added to the active set (several active adapters stack: ``out = base + Σ deltas``).
     """
     spec = registry.get(method)
     config = spec.config_cls.from_dict(options)
+    if bits is not None:
+        quant.check_bits(bits)
     if not isinstance(name, str) or not name or "." in name:
         raise ParetuneError(f"adapter name {name!r} is invalid: use a non-empty string without dots.")
     st = state_of(model, create=True)
@@ -59,6 +66,8 @@ def adapt(
             delta.train(host.base.training)  # a model in eval mode gets its adapter in eval mode (no dropout)
             built.append((host, delta))
             host.add(name, delta)
+        if bits is not None:
+            _quantize(spec.name, [d for _, d in built], bits)
     except Exception:
         for host, delta in built:  # leave the model as it was
             delta.restore_base()
@@ -71,10 +80,24 @@ def adapt(
         for p, flag in trainable.items():
             p.requires_grad_(flag)
         raise
-    st.adapters[name] = AdapterRecord(name, spec.name, config, names)
+    st.adapters[name] = AdapterRecord(name, spec.name, config, names, bits)
     st.set_active([*st.active, name])
     _reroute(model)
     return model
+
+
+def _quantize(method: str, deltas: list[nn.Module], bits: int) -> None:
+    """Make every delta's weight tensors k-bit (refused for a method with none, or whose file
+    holds more than its parameters)."""
+    for delta in deltas:
+        quant.check_quantizable(delta, method)
+    if not any(quant.quantizable(d) for d in deltas):
+        raise ParetuneError(
+            f"bits={bits}: {method} has no weight tensor (two or more dimensions) to quantise; k-bit adapters are "
+            "for methods with weight matrices (LoRA's A and B, a bottleneck adapter's projections, ...)."
+        )
+    for delta in deltas:
+        quant.quantize_delta(delta, bits)
 
 
 def _reroute(model: nn.Module) -> None:

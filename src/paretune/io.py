@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .errors import AdapterFileError, ParetuneError
 from .api import adapt, remove
-from .core import registry
+from .core import quant, registry
 from .core.atomic import atomic_dir
 from .core.host import Host
 from .core.inject import kind_of
@@ -68,7 +68,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
         )
     tensors: dict[str, torch.Tensor] = {}
     for module_name, host in _hosts_in_order(model, name):
-        for key, t in host.deltas[name].stored_state().items():
+        for key, t in quant.file_tensors(host.deltas[name], rec.bits).items():
             tensors[f"{module_name}.{key}"] = t.detach().to("cpu").contiguous()
     meta = {
         "format": FORMAT,
@@ -78,6 +78,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
         "method": rec.method,
         "config": rec.config.to_dict(),
         "targets": rec.targets,
+        **({"bits": rec.bits} if rec.bits is not None else {}),
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "fingerprint": fingerprint(model, rec.targets),
     }
@@ -174,10 +175,11 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     per_module = _split_by_module(tensors, meta["targets"], path)
     grad = {id(p): p.requires_grad for p in model.parameters()}
     exact = "|".join(re.escape(t) for t in meta["targets"])
-    adapt(model, spec.name, name=name, targets=exact, **spec.config_cls.upgrade(dict(meta["config"])))
+    bits = meta.get("bits")
+    adapt(model, spec.name, name=name, targets=exact, bits=bits, **spec.config_cls.upgrade(dict(meta["config"])))
     try:
         for module_name, state in per_module.items():
-            model.get_submodule(module_name).deltas[name].load_stored(state, where=module_name)
+            quant.load_file_tensors(model.get_submodule(module_name).deltas[name], state, bits, module_name)
     except Exception:
         remove(model, name)
         raise
@@ -213,10 +215,18 @@ def hot_swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -
             f"{path} was made with other options than adapter {name!r} ({shown}); hot-swap keeps the compiled "
             "shapes and scaling, so these must match. Use paretune.load to add it as a new adapter."
         )
+    if meta.get("bits") != rec.bits:
+        raise AdapterFileError(f"{path} holds a {meta.get('bits') or 'full-precision'}-bit adapter; adapter {name!r} "
+                               f"is {rec.bits or 'full-precision'}-bit. Use paretune.load to add it as a new adapter.")
     per_module = _split_by_module(tensors, rec.targets, path)
     hosts = {m: model.get_submodule(m) for m in rec.targets}
-    for module_name, host in hosts.items():  # check everything before changing anything
-        host.deltas[name].check_stored(per_module[module_name], where=module_name)
+    if rec.bits is None:
+        for module_name, host in hosts.items():  # check everything before changing anything
+            host.deltas[name].check_stored(per_module[module_name], where=module_name)
+    else:
+        for module_name, host in hosts.items():
+            quant.check_state(host.deltas[name], per_module[module_name], rec.bits, module_name)
     for module_name, host in hosts.items():
-        host.deltas[name].load_stored(per_module[module_name], where=module_name)
+        quant.load_file_tensors(host.deltas[name], per_module[module_name], rec.bits, module_name)
     return model
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import quant
 from .inject import hosts
 from .state import record_of, state_of
 
@@ -31,7 +32,8 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
                 if id(p) not in adapter_params:
                     adapter_params.add(id(p))
                     trainable += p.numel()
-            stored += sum(t.numel() * t.element_size() for t in delta.stored_state().values())
+            files = quant.file_tensors(delta, state_of(model).adapters[n].bits)
+            stored += sum(t.numel() * t.element_size() for t in files.values())
             spec = registry.get(state_of(model).adapters[n].method)
             formula += spec.delta_cls.layer_formula(delta.geometry, delta.config)
             shapes[n].append((delta.d_out, delta.d_in))

@@ -21,6 +21,7 @@ class AdapterRecord:
     method: str
     config: AdapterConfig
     targets: list[str]
+    bits: int | None = None  # k-bit adapter: its weight tensors train quantised and are stored packed
 
 
 @dataclasses.dataclass(frozen=True)
