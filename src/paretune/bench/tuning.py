@@ -14,6 +14,7 @@ class BenchTuning:
     knob: str | None = None  # the integer option that sets the method's size (None: r if it has one)
     knob_max: int | None = None  # largest value of the knob worth trying (None: min(d_out, d_in))
     lr: float | None = None  # the bench's peak learning rate for the method (None: the adapter rate)
+    options: dict = dataclasses.field(default_factory=dict)  # options every bench run of the method gets
 
 
 TUNING: dict[str, BenchTuning] = {
@@ -47,6 +48,8 @@ TUNING: dict[str, BenchTuning] = {
     # up to the layer width. Compacter has no knob: its point is its fixed, tiny size (the bench
     # runs it at its defaults).
     "bottleneck": BenchTuning(knob="bottleneck"),
+    # Poly / MHR route by task id; the bench's single-task runs use task 0 for every row.
+    "poly": BenchTuning(options={"default_task": 0}),
     # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
     "vera": BenchTuning(lr=1e-2),
 }

@@ -201,7 +201,8 @@ def add_dense(delta: Delta, x: torch.Tensor, base_out: torch.Tensor, dw: torch.T
 
 class SharedInBank(Delta):
     """A delta whose adapter also trains tensors held on its bank (one parameter for all layers:
-    subspace training's θ_d, Compacter's shared PHM rule). Lists their names in ``shared_names``;
+    subspace training's θ_d, Compacter's shared PHM rule). Lists their names in ``shared_names``
+    (a name the bank does not have is skipped: ScaLearn shares ω only in its ++ variants);
     saves them once, with the adapter's first layer, beside each layer's own parameters, and
     loads them back the same way. Count them with :meth:`Delta.shared_formula`."""
 
@@ -210,7 +211,7 @@ class SharedInBank(Delta):
     def _stored(self) -> dict[str, torch.Tensor]:
         out = {n: p for n, p in self.named_parameters() if not n.startswith("bank.")}
         if self.layer == 0:
-            out.update({n: getattr(self.bank, n) for n in self.shared_names})
+            out.update({n: getattr(self.bank, n) for n in self.shared_names if hasattr(self.bank, n)})
         return out
 
     def stored_state(self) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ class Geometry:
     def __init__(self, base: nn.Module):
         self.base = base
         self.name = ""  # the module's name in the model, set when it is hosted (IA3's feed-forward layers)
+        self.host = None  # the Host around the module once hosted (methods that combine other adapters' deltas)
 
     # shapes ---------------------------------------------------------------------------------
     @property

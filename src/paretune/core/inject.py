@@ -157,6 +157,7 @@ def wrap(model: nn.Module, name: str, state: ModelState) -> Host:
         return module
     host = BlockHost(module, state) if kind_of(module) == "block" else Host(module, state)
     host.geometry.name = name
+    host.geometry.host = host
     _set_module(model, name, host)
     return host
 

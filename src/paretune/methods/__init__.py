@@ -16,3 +16,5 @@ from . import ia3  # noqa: F401
 from . import bitfit  # noqa: F401
 from . import ln_tuning  # noqa: F401
 from . import bottleneck, compacter  # noqa: F401
+from . import poly  # noqa: F401
+from . import scalearn  # noqa: F401
