@@ -120,22 +120,52 @@ def active(model: nn.Module) -> list[str]:
     return list(state_of(model).active) if has_state(model) else []
 
 
-def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+def set_active(model: nn.Module, names: str | Sequence[str], weights: Sequence[float] | None = None) -> nn.Module:
     """Make exactly ``names`` the active adapters (a name or a list; [] for the bare base).
-    Trainability is unchanged: only active adapters take part in the forward pass."""
+    Trainability is unchanged: only active adapters take part in the forward pass.
+
+    ``weights`` (one number per name) scales each adapter's change of every output it adapts:
+    ``out = out + w·(adapter(x, out) − out)``, in order; ``[0.5, 0.5]`` averages two adapters, any
+    weights give a weighted sum; without ``weights`` the adapters keep theirs. A merged adapter keeps weight 1; a method whose output is not
+    "base output plus a change" (one that makes the sequence longer) cannot be weighted.
+    :func:`per_sample` ignores the weights (each row runs its own adapter)."""
     names = [names] if isinstance(names, str) else list(names)
     st = state_of(model)
     for n in names:
         record_of(model, n)
+    by_name = _check_weights(st, names, weights)
     off_but_merged = [n for n in st.merged if n not in names]
     if off_but_merged:
         raise ParetuneError(
             f"adapters {off_but_merged} are merged into the base weights and cannot be switched off; "
             "paretune.unmerge(model, name) them first."
         )
-    st.set_active(names)
+    st.set_active(names, by_name)
     _reroute(model)
     return model
+
+
+def _check_weights(st, names: list[str], weights: Sequence[float] | None) -> dict[str, float] | None:
+    """name -> weight, checked; None (keep the current weights) without ``weights``."""
+    if weights is None:
+        return None
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ParetuneError(f"weights: give one number per adapter ({len(names)}), got {len(weights)}.")
+    out = {}
+    for n, w in zip(names, weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or w in (float("inf"), float("-inf")):
+            raise ParetuneError(f"weights: {w!r} for adapter {n!r} is not a finite number.")
+        if w != 1.0:
+            if n in st.merged:
+                raise ParetuneError(f"adapter {n!r} is merged into the base weights at weight 1; unmerge it before "
+                                    f"giving it weight {w}.")
+            if not registry.get(st.adapters[n].method).delta_cls.weightable:
+                raise ParetuneError(f"adapter {n!r} ({st.adapters[n].method}) changes the shape of what it adapts, so its "
+                                    "output is not the base output plus a change that a weight could scale; give it "
+                                    "weight 1.")
+        out[n] = float(w)
+    return out
 
 
 def _hosts_of(model: nn.Module, name: str) -> list[Host]:
@@ -155,6 +185,9 @@ def merge(model: nn.Module, name: str = "default") -> nn.Module:
         raise ParetuneError(f"{spec.name} is input-dependent and has no weight delta; it cannot be merged.")
     if name not in st.active:
         raise ParetuneError(f"adapter {name!r} is not active; set_active it before merging (merged means on).")
+    if st.weight(name) != 1.0:
+        raise ParetuneError(f"adapter {name!r} is active at weight {st.weight(name)}; merging folds in weight 1. "
+                            "set_active it with weight 1 first.")
     for host in _hosts_of(model, name):
         host.merge(name)
     st.set_merged(name, True)

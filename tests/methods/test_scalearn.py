@@ -41,7 +41,7 @@ def by_hand(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         ours = layer.deltas["mix"]
         out = base
         for k, src in enumerate(["src_a", "src_b"]):
-            out = out + ours.omega[k] * (layer.deltas[src](h, base) - base)
+            out = out + ours.omega[k] * (layer.deltas[src](h, base.clone()) - base)  # deltas may add in place
         h = torch.tanh(out) if i == 0 else out
     return h
 

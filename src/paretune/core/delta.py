@@ -25,7 +25,9 @@ class Delta(nn.Module):
       them as the paper says; pass ``bank`` and ``layer`` on to ``super().__init__``. ``bank`` is
       what :meth:`make_bank` built once for all the adapter's layers (None if it builds nothing),
       ``layer`` the index of this module among the adapter's targets;
-    * :meth:`forward` ``(x, base_out)``: the adapted output (LowRankDelta provides it);
+    * :meth:`forward` ``(x, base_out)``: the adapted output (LowRankDelta provides it); it may add
+      into ``base_out`` in place when no gradient flows (a caller that still needs ``base_out``
+      passes a copy);
     * :meth:`trainable_formula`: the paper's trainable-parameter count for one layer;
     * :meth:`delta_weight`: the dense ΔW, if the class is ``mergeable`` (the default; a
       mergeable class without it is refused at registration). LowRankDelta provides it.
@@ -56,13 +58,16 @@ class Delta(nn.Module):
       construction changes the base weight (PiSSA keeps the residual there);
     * with ``depends_on_base = True``: :meth:`merged_deltas`, for a ΔW that is a function of W.
 
-    Flags: ``mergeable``, ``shifts_base``, ``depends_on_base`` (class attributes).
+    Flags: ``mergeable``, ``shifts_base``, ``depends_on_base``, ``weightable`` (class attributes;
+    ``weightable = False`` for a delta whose output is not the base output plus a change, e.g. one
+    that lengthens the sequence).
     """
 
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True  # has a weight delta (delta_weight), so merge applies
     shifts_base: ClassVar[bool] = False  # True if __init__ changed the base weight (see unshift)
     depends_on_base: ClassVar[bool] = False  # True if ΔW is a function of W itself (Hydra's W_s·W₀)
+    weightable: ClassVar[bool] = True  # its output is base_out plus a change (set_active weights scale it)
 
     def __init__(self, geometry: Geometry, config: AdapterConfig, *, bank: nn.Module | None = None,
                  layer: int = 0):

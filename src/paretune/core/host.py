@@ -35,6 +35,7 @@ class Host(nn.Module):
         self.made_bias = False  # whether merging gave a bias-free base its bias
         self._route_key: tuple | None = None
         self._route: tuple[tuple[Delta, ...], tuple[Delta, ...]] = ((), ())
+        self._weights: tuple[float, ...] = ()  # the run's weights, when any is not 1
 
     def __getattr__(self, name: str):
         try:
@@ -70,6 +71,8 @@ class Host(nn.Module):
         if self.plan is not None:
             return self.plan.forward(self, x, base(x, *args, **kwargs))
         off_shifts, run = self.route()
+        if self._weights:
+            return self._weighted(x, base(x, *args, **kwargs), off_shifts, run)
         if len(run) == 1 and not off_shifts:
             delta = run[0]
             if not args and not kwargs:
@@ -86,6 +89,15 @@ class Host(nn.Module):
             out = delta(x, out)
         return out
 
+    def _weighted(self, x, out, off_shifts, run):
+        """The forward pass with weighted adapters: each delta's change of the output, scaled."""
+        for delta in off_shifts:
+            out = out + delta.unshift(x).to(out.dtype)
+        for delta, w in zip(run, self._weights):
+            # a delta may add into the tensor it is given (at inference): keep ``out`` for the weighting
+            out = delta(x, out) if w == 1.0 else out + (delta(x, out.clone()) - out) * w
+        return out
+
     def route(self) -> tuple[tuple[Delta, ...], tuple[Delta, ...]]:
         """(deltas whose base shift is undone, deltas run in order), cached until the active set,
         the merged set or the deltas change, so the forward pass does no per-call bookkeeping."""
@@ -93,7 +105,10 @@ class Host(nn.Module):
         if key != self._route_key:  # (api functions refresh it right after each change)
             active, merged = self.active, self.merged
             off = tuple(d for n, d in self.deltas.items() if d.shifts_base and n not in active)
-            run = tuple(self.deltas[n] for n in active if n not in merged)
+            names = [n for n in active if n not in merged]
+            run = tuple(self.deltas[n] for n in names)
+            weights = tuple(self.state.weight(n) for n in names)
+            self._weights = weights if any(w != 1.0 for w in weights) else ()
             self._route_key, self._route = key, (off, run)
         return self._route
 
@@ -161,6 +176,7 @@ class BlockHost(Host):
             raise ParetuneError("per-sample adapters are not offered on block adapters; run each adapter's rows "
                                 "as their own batch.")
         main = out[0] if isinstance(out, tuple) else out
-        for delta in self.route()[1]:
-            main = delta(x, main)
+        run = self.route()[1]
+        for delta, w in zip(run, self._weights or (1.0,) * len(run)):
+            main = delta(x, main) if w == 1.0 else main + (delta(x, main.clone()) - main) * w
         return (main, *out[1:]) if isinstance(out, tuple) else main

@@ -46,10 +46,19 @@ class ModelState:
     active: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()
     version: int = 0
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # active adapters' weights other than 1
 
-    def set_active(self, names: list[str] | tuple[str, ...]) -> None:
+    def set_active(self, names: list[str] | tuple[str, ...], weights: dict[str, float] | None = None) -> None:
+        """``weights``: the new weights (missing names: 1); None keeps the current ones of the
+        adapters that stay active."""
         self.active = tuple(names)
+        source = self.weights if weights is None else weights
+        self.weights = {n: float(w) for n, w in source.items() if n in self.active and float(w) != 1.0}
         self.version += 1
+
+    def weight(self, name: str) -> float:
+        """The active adapter's weight: its change of every output is scaled by it (1 by default)."""
+        return self.weights.get(name, 1.0)
 
     def set_merged(self, name: str, merged: bool) -> None:
         self.merged = tuple(n for n in self.merged if n != name) + ((name,) if merged else ())

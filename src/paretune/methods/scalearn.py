@@ -150,7 +150,7 @@ class ScaLearnDelta(SharedInBank):
         out = base_out
         channel = self.geometry.channel_dim()
         for k, name in enumerate(self.sources):
-            change = deltas[name](x, base_out) - base_out
+            change = deltas[name](x, base_out.clone()) - base_out  # (a delta may add into what it is given)
             w = omega[k].to(change.dtype)
             if channel != -1 and w.numel() > 1:  # a conv2d's channels sit on dimension 1
                 w = w.view(-1, *([1] * (change.dim() - 2)))
