@@ -161,6 +161,8 @@ def test_quick_budget_gives_lora_r2_and_fits_every_method_on_minilm():
     model, _ = models.load("minilm-l6", task="classification", num_labels=6)
     assert [match_budget(model, "lora", b)["r"] for b in QUICK["budgets"]] == [2]
     for method in paretune.list_methods():  # every built-in method meets the others at the quick budget
+        if method == "scalearn":  # it combines adapters already trained (the bench skips it, saying so)
+            continue
         for b in QUICK["budgets"]:
             plan_budget(model, method, b)  # raises BudgetError if it cannot come within a factor 2
 

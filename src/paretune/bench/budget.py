@@ -104,7 +104,7 @@ def plan_budget(model: nn.Module, method: str, budget: int | None, targets: Targ
     which budgets the method can reach (``None``: accept the closest, however far).
     """
     spec = registry.get(method)
-    base = dict(options or {})
+    base = {**tuning_of(spec.name).options, **(options or {})}  # the bench's fixed options, then the caller's
     geoms = layers(model, method, targets, base)
     shapes = _compact(spec.delta_cls, geoms)
     knob = knob_of(spec)

@@ -174,7 +174,7 @@ def plan_runs(net: nn.Module, *, model: str, task: str, methods: Sequence[str] |
         chosen: list[tuple[int | None, dict, int]] = []
         for budget in method_budgets:
             try:
-                match = plan_budget(net, method, budget, list(tgt) if tgt else None, dict(tuning_of(method).options))
+                match = plan_budget(net, method, budget, list(tgt) if tgt else None)
             except TargetError as e:
                 notes.append(f"skipped {method}: it cannot adapt this model ({e})")
                 break

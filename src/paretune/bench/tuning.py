@@ -50,6 +50,13 @@ TUNING: dict[str, BenchTuning] = {
     "bottleneck": BenchTuning(knob="bottleneck"),
     # Poly / MHR route by task id; the bench's single-task runs use task 0 for every row.
     "poly": BenchTuning(options={"default_task": 0}),
+    # Prompt and prefix tuning: the number of virtual tokens sets the size (n·d, 2·n·d_kv per layer);
+    # the rates are those of PEFT's prompt- and prefix-tuning guides (3e-2, 1e-2).
+    "prompt-tuning": BenchTuning(knob="num_virtual_tokens", knob_max=256, lr=3e-2),
+    "prefix-tuning": BenchTuning(knob="num_virtual_tokens", knob_max=256, lr=1e-2),
+    # MAM = prefix tuning + a scaled parallel FFN adapter; at the paper's 30 prefix tokens it is twice
+    # the quick budget, so the bench fixes the adapter's bottleneck at 8 and scans the prefix length.
+    "mam": BenchTuning(knob="num_virtual_tokens", knob_max=256, options={"bottleneck": 8}),
     # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
     "vera": BenchTuning(lr=1e-2),
 }

@@ -35,6 +35,7 @@ class Geometry:
         self.base = base
         self.name = ""  # the module's name in the model, set when it is hosted (IA3's feed-forward layers)
         self.host = None  # the Host around the module once hosted (methods that combine other adapters' deltas)
+        self.root = None  # the model it was hosted in (prompt / prefix tuning hook the model's forward)
 
     # shapes ---------------------------------------------------------------------------------
     @property

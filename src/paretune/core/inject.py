@@ -158,6 +158,7 @@ def wrap(model: nn.Module, name: str, state: ModelState) -> Host:
     host = BlockHost(module, state) if kind_of(module) == "block" else Host(module, state)
     host.geometry.name = name
     host.geometry.host = host
+    host.geometry.root = model
     _set_module(model, name, host)
     return host
 

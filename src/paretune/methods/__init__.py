@@ -17,4 +17,7 @@ from . import bitfit  # noqa: F401
 from . import ln_tuning  # noqa: F401
 from . import bottleneck, compacter  # noqa: F401
 from . import poly  # noqa: F401
+from . import prompt_tuning  # noqa: F401
+from . import prefix_tuning  # noqa: F401
+from . import mam  # noqa: F401
 from . import scalearn  # noqa: F401

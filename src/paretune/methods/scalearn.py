@@ -68,7 +68,8 @@ class ScaLearnConfig(AdapterConfig):
         self._require(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0
                       and all(isinstance(s, str) and s for s in self.sources)
                       and len(set(self.sources)) == len(self.sources), "sources", self.sources,
-                      "give the names of two or more (or one) distinct adapters already on the model")
+                      "give the names of one or more distinct adapters already on the model (ScaLearn combines "
+                      "adapters trained before it)")
         self._one_of("shape", ("vector", "scalar"))
         self._flag("shared")
         self._non_negative("init_scale")
