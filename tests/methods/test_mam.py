@@ -23,19 +23,11 @@ N, M = 3, 4
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, tiny.VOCAB, (2, 5), generator=g)
-    mask = torch.ones(2, 5, dtype=torch.long)
-    mask[1, :2] = 0
-    return ids, mask
+    return tiny.padded_batch()
 
 
 def parts(model: nn.Module, kind: str) -> list:
     return [getattr(layer, kind).deltas["default"].part for layer in model.model.layers]
-
-
-def hooks_of(model: nn.Module) -> int:
-    return len(model._forward_pre_hooks) + len(model._forward_hooks)
 
 
 def moved(model: nn.Module) -> nn.Module:
@@ -120,7 +112,7 @@ def test_one_save_load_and_removal_gives_the_base(batch, tmp_path):
     paretune.set_active(model, [])
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
     paretune.unload(model)
-    assert hooks_of(model) == 0 and not any(isinstance(m, Host) for m in model.modules())
+    assert tiny.hooks_of(model) == 0 and not any(isinstance(m, Host) for m in model.modules())
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
 
 
@@ -129,7 +121,7 @@ def test_bad_options_are_refused(options):
     model = tiny.build_llama16()
     with pytest.raises(ConfigError):
         paretune.adapt(model, "mam", **options)
-    assert paretune.adapters(model) == {} and hooks_of(model) == 0
+    assert paretune.adapters(model) == {} and tiny.hooks_of(model) == 0
 
 
 def test_bert_gets_prefixes_and_the_adapter_before_the_layernorm(batch):
@@ -164,7 +156,7 @@ def test_a_model_that_takes_no_cache_is_refused_unchanged():
     with pytest.raises(TargetError, match="cache"):
         paretune.adapt(model, "mam", targets=r"inner\.model\.layers\.\d+\.(self_attn|mlp)", bottleneck=M)
     assert paretune.adapters(model) == {} and not any(isinstance(m, Host) for m in model.modules())
-    assert hooks_of(model) == 0
+    assert tiny.hooks_of(model) == 0
 
 
 def test_merge_is_refused():

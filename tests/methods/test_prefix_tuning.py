@@ -36,19 +36,11 @@ def build_mha_llama(seed: int = 0):
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, tiny.VOCAB, (2, 5), generator=g)
-    mask = torch.ones(2, 5, dtype=torch.long)
-    mask[1, :2] = 0
-    return ids, mask
+    return tiny.padded_batch()
 
 
 def deltas(model: nn.Module) -> list:
     return [layer.self_attn.deltas["default"] for layer in model.model.layers]
-
-
-def hooks_of(model: nn.Module) -> int:
-    return len(model._forward_pre_hooks) + len(model._forward_hooks)
 
 
 def peft_twin(build, model: nn.Module, projection: bool):
@@ -145,11 +137,11 @@ def test_inactive_removed_and_unloaded_adapters_give_the_base(batch):
     paretune.set_active(model, [])
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
     paretune.remove(model, "default")
-    assert hooks_of(model) == 0
+    assert tiny.hooks_of(model) == 0
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
     paretune.adapt(model, "prefix-tuning", num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=H)
     paretune.unload(model)
-    assert hooks_of(model) == 0 and not any(isinstance(m, Host) for m in model.modules())
+    assert tiny.hooks_of(model) == 0 and not any(isinstance(m, Host) for m in model.modules())
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
 
 
@@ -202,7 +194,7 @@ def test_a_prefix_length_of_zero_is_refused():
     model = tiny.build_llama16()
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         paretune.adapt(model, "prefix-tuning", num_virtual_tokens=0)
-    assert paretune.adapters(model) == {} and hooks_of(model) == 0
+    assert paretune.adapters(model) == {} and tiny.hooks_of(model) == 0
     assert PrefixTuningConfig().num_virtual_tokens == 10
 
 
@@ -223,7 +215,7 @@ def test_a_model_that_takes_no_cache_is_refused_unchanged(batch):
     before = model(ids, mask)
     with pytest.raises(TargetError, match="takes no key/value cache"):
         paretune.adapt(model, "prefix-tuning", targets=r"inner\.model\.layers\.\d+\.self_attn")
-    assert paretune.adapters(model) == {} and hooks_of(model) == 0
+    assert paretune.adapters(model) == {} and tiny.hooks_of(model) == 0
     assert not any(isinstance(m, Host) for m in model.modules())
     torch.testing.assert_close(model(ids, mask), before, atol=0, rtol=0)
 
@@ -256,7 +248,7 @@ def test_a_block_without_a_cache_is_refused():
     model = tiny.build_llama16()
     with pytest.raises(TargetError, match="takes no key/value cache"):
         paretune.adapt(model, "prefix-tuning", targets=["mlp"])
-    assert not any(isinstance(m, Host) for m in model.modules()) and hooks_of(model) == 0
+    assert not any(isinstance(m, Host) for m in model.modules()) and tiny.hooks_of(model) == 0
 
 
 def test_a_gap_in_the_layers_is_a_clear_error(batch):

@@ -43,10 +43,6 @@ def peft_twin(build, task: str, model: nn.Module):
     return twin.eval()
 
 
-def hooks_of(model: nn.Module) -> int:
-    return len(model._forward_pre_hooks) + len(model._forward_hooks)
-
-
 # -- equality with PEFT ----------------------------------------------------------------------------
 
 def test_causal_lm_equals_peft(batch):
@@ -163,11 +159,11 @@ def test_inactive_removed_and_unloaded_adapters_give_the_base(batch):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
     paretune.set_active(model, "default")
     paretune.remove(model, "default")
-    assert hooks_of(model) == 0
+    assert tiny.hooks_of(model) == 0
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
     paretune.adapt(model, "prompt-tuning", num_virtual_tokens=N)
     paretune.unload(model)
-    assert hooks_of(model) == 0 and not any(isinstance(m, Host) for m in model.modules())
+    assert tiny.hooks_of(model) == 0 and not any(isinstance(m, Host) for m in model.modules())
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
 
 
@@ -223,7 +219,7 @@ def test_bad_options_are_refused_and_leave_the_model(options, match):
     model = tiny.build_llama16()
     with pytest.raises(ConfigError, match=match):
         paretune.adapt(model, "prompt-tuning", **options)
-    assert paretune.adapters(model) == {} and hooks_of(model) == 0
+    assert paretune.adapters(model) == {} and tiny.hooks_of(model) == 0
     assert not any(isinstance(m, Host) for m in model.modules())
     assert PromptTuningConfig().num_virtual_tokens == 20
 

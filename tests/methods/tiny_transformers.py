@@ -45,3 +45,17 @@ def hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """The last hidden states (a random classifier head nearly hides a change in the logits)."""
     with torch.no_grad():
         return model(ids, output_hidden_states=True).hidden_states[-1]
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (2, 5), attention mask with the second row's first two positions padded)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    return ids, mask
+
+
+def hooks_of(model) -> int:
+    """Forward hooks and pre-hooks on the top-level model (virtual-token methods add one)."""
+    return len(model._forward_pre_hooks) + len(model._forward_hooks)
