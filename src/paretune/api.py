@@ -29,7 +29,8 @@ def adapt(
     """Add adapter ``name`` of ``method`` to ``model`` in place and return the model.
 
     ``targets``: ``None`` (the method's default targets, else "all-linear"), ``"all-linear"``
-    (every Linear and GPT-2 Conv1D but the output head), a regex matching whole module names, or a list of module names or suffixes.
+    (every Linear and GPT-2 Conv1D but the output head), a regex matching whole module names, or
+    a list of module names or suffixes.
     ``options`` are the method's config fields (``paretune methods`` lists them); unknown or
     out-of-range ones raise :class:`paretune.errors.ConfigError`.
 
@@ -126,8 +127,9 @@ def set_active(model: nn.Module, names: str | Sequence[str], weights: Sequence[f
 
     ``weights`` (one number per name) scales each adapter's change of every output it adapts:
     ``out = out + w·(adapter(x, out) − out)``, in order; ``[0.5, 0.5]`` averages two adapters, any
-    weights give a weighted sum; without ``weights`` the adapters keep theirs. A merged adapter keeps weight 1; a method whose output is not
-    "base output plus a change" (one that makes the sequence longer) cannot be weighted.
+    weights give a weighted sum; without ``weights`` the adapters keep theirs. A merged adapter
+    keeps weight 1; a method whose output is not "base output plus a change" (one that makes the
+    sequence longer) cannot be weighted.
     :func:`per_sample` ignores the weights (each row runs its own adapter)."""
     names = [names] if isinstance(names, str) else list(names)
     st = state_of(model)

@@ -198,7 +198,9 @@ def plot_png(s: Summary) -> bytes:
     """The two-panel Pareto plot (quality vs trainable parameters, vs stored bytes) as PNG bytes."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, whatever the backend
 
-    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
+    n_methods = len({r["method"] for r in s.runs})
+    legend_rows = math.ceil((n_methods + 1) / 6)  # one legend for both panels, six entries a row, below them
+    fig = Figure(figsize=(12, 5 + 0.25 * legend_rows), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)
     styles = method_styles([r["method"] for r in s.runs if r["method"] not in BASELINES])
     styles.update({m: (BASELINE_COLORS.get(m, "gray"), BASELINE_MARKERS[m]) for m in BASELINES})
@@ -231,8 +233,9 @@ def plot_png(s: Summary) -> bytes:
         ax.set_ylabel(s.metric)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(f"{s.metric} vs {xlabel}")
-        if labelled:
-            ax.legend(fontsize=8, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=6, fontsize=8)
     fig.suptitle(f"paretune bench: {s.model} on {s.task}")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
