@@ -126,8 +126,8 @@ def test_default_targets_per_variant():
 
 @pytest.mark.parametrize("options, match", [
     ({"phm_dim": 3}, "phm_dim=3 does not divide the adapted width 16"),
-    ({"reduction_factor": 32}, "reduction_factor=32 exceeds the width 16"),
-    ({"reduction_factor": 8}, "m = 16 // 8 = 2 is not divisible by phm_dim=4"),
+    ({"reduction_factor": 32}, "leaves a bottleneck of 0 for the width 16"),
+    ({"reduction_factor": 8}, "leaves a bottleneck of 2 for the width 16, less than phm_dim=4"),
     ({"bottleneck": 6}, "bottleneck=6 is invalid; it must be divisible by phm_dim=4"),
     ({"variant": "compacter+"}, "variant"),
 ])

@@ -187,3 +187,15 @@ def test_resumed_schedule_and_checkpoint_keep_frozen_tensors(tiny_bert, minilm_t
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5)
     assert part.metrics["trainable"] == full.metrics["trainable"]
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_virtual_token_methods_train_on_generation(tiny_llama, char_tokenizer, method):
+    """Prompt tuning's logits carry its virtual positions first: the loss scores the batch's own
+    positions only, so training and evaluation run, and the loss falls."""
+    data = load_data([{"prompt": f"{w}=", "completion": w[::-1]} for w in ["abc", "hello", "xyz", "paretune"]])
+    model = tiny_llama(len(char_tokenizer))
+    res = train(model, data, data, tokenizer=char_tokenizer, method=method, options={"num_virtual_tokens": 4},
+                steps=20, lr=3e-2, batch_size=4, progress=False, warmup=0)
+    assert res.history[-1] < res.history[0]
+    assert 0.0 <= res.metrics["exact_match"] <= 1.0

@@ -34,7 +34,8 @@ adapter configuration, and AdapterHub's ``adapters/methods/modeling.py`` ``PHMLa
 * W is built in the (out, in) layout y = W x; the reference builds y = x H with H = Σ rule_i ⊗ W_i,
   the same family with A_i = rule_iᵀ.
 * Non-linearity gelu, reduction factor 32: AdapterHub's ``CompacterPlusPlusConfig`` /
-  ``CompacterConfig``; ``bottleneck`` gives m directly.
+  ``CompacterConfig``; ``bottleneck`` gives m directly. m = d // reduction_factor is rounded down to
+  a multiple of n (a PHM layer needs it: 576 // 32 = 18 gives 16 on SmolLM2).
 * Stored: A with the adapter's first module, the factors and biases with every module.
 """
 
@@ -61,7 +62,8 @@ VARIANTS = ("compacter++", "compacter")
 @dataclasses.dataclass
 class CompacterConfig(AdapterConfig):
     """``variant``: "compacter++" (after the FFN) or "compacter" (after attention and FFN);
-    ``phm_dim``: n; ``reduction_factor`` / ``bottleneck``: m = d // reduction_factor or m;
+    ``phm_dim``: n; ``reduction_factor`` / ``bottleneck``: m = d // reduction_factor (rounded down to a
+    multiple of n) or m;
     ``non_linearity``; ``phm_init_range``: std of the shared A; ``dropout``: on the adapter input;
     ``seed``: draws A."""
 
@@ -102,16 +104,12 @@ class CompacterConfig(AdapterConfig):
             )
         if self.bottleneck is not None:
             return self.bottleneck
-        m = d // self.reduction_factor
-        if m < 1:
+        m = d // self.reduction_factor // n * n  # rounded down to a multiple of n, as a PHM layer needs
+        if m < n:
             raise ConfigError(
-                f"compacter: reduction_factor={self.reduction_factor} exceeds the width {d} of an adapted layer, "
-                f"leaving a bottleneck of 0; choose reduction_factor <= {d // n} or give bottleneck=m directly."
-            )
-        if m % n:
-            raise ConfigError(
-                f"compacter: the bottleneck m = {d} // {self.reduction_factor} = {m} is not divisible by phm_dim={n}; "
-                f"choose another reduction_factor or phm_dim, or give bottleneck= a multiple of {n}."
+                f"compacter: reduction_factor={self.reduction_factor} leaves a bottleneck of {d // self.reduction_factor} "
+                f"for the width {d}, less than phm_dim={n}; choose reduction_factor <= {d // n} or give bottleneck=m "
+                "directly."
             )
         return m
 
@@ -139,7 +137,8 @@ def _glorot(n: int, length: int, dtype: torch.dtype, device: torch.device) -> to
     config=CompacterConfig,
     summary="Compacter / Compacter++ (Karimi Mahabadi et al. 2021): series bottleneck adapters whose "
             "projections are Σ A_i ⊗ s_i t_iᵀ, the n×n A_i shared by all layers",
-    formula="3·(d + m) per layer (rank-one PHM factors and biases) + n³ shared, m = d // reduction_factor",
+    formula="3·(d + m) per layer (rank-one PHM factors and biases) + n³ shared, m = d // reduction_factor rounded "
+            "down to a multiple of n",
     kinds=("linear", "conv1d"),
     default_targets=default_targets,
 )

@@ -83,13 +83,17 @@ def collate(enc: Encoded, rows: list[int], pad_id: int, device: torch.device) ->
 
 def summed_loss(model, batch: dict[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-unit losses, per-unit correctness) for a batch: per example for
-    classification; per completion token for generation (correct = greedy token right)."""
+    classification; per completion token for generation (correct = greedy token right). Logits
+    longer than the batch (a method that prepends virtual tokens) are scored on their last
+    positions, the batch's own."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()
     labels = batch["labels"]
     if kind == "classification":
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         return loss, logits.argmax(-1) == labels
+    if logits.shape[1] > labels.shape[1]:  # virtual tokens put before the input (prompt tuning): not scored
+        logits = logits[:, logits.shape[1] - labels.shape[1]:]
     logits, labels = logits[:, :-1], labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100, reduction="sum")
