@@ -144,15 +144,7 @@ def test_bert_gets_prefixes_and_the_adapter_before_the_layernorm(batch):
 
 
 def test_a_model_that_takes_no_cache_is_refused_unchanged():
-    class Wrapped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny.build_llama16()
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    model = Wrapped()
+    model = tiny.NoCacheModel()
     with pytest.raises(TargetError, match="cache"):
         paretune.adapt(model, "mam", targets=r"inner\.model\.layers\.\d+\.(self_attn|mlp)", bottleneck=M)
     assert paretune.adapters(model) == {} and not any(isinstance(m, Host) for m in model.modules())

@@ -198,20 +198,9 @@ def test_a_prefix_length_of_zero_is_refused():
     assert PrefixTuningConfig().num_virtual_tokens == 10
 
 
-class Wrapped(nn.Module):
-    """A model whose forward takes ids and a mask but no cache (nor **kwargs to pass one on)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = tiny.build_llama16()
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 def test_a_model_that_takes_no_cache_is_refused_unchanged(batch):
     ids, mask = batch
-    model = Wrapped()
+    model = tiny.NoCacheModel()
     before = model(ids, mask)
     with pytest.raises(TargetError, match="takes no key/value cache"):
         paretune.adapt(model, "prefix-tuning", targets=r"inner\.model\.layers\.\d+\.self_attn")

@@ -5,6 +5,7 @@ built from configs with fixed seeds (CPU, no download), and the last hidden stat
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 VOCAB = 50
 
@@ -59,3 +60,14 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def hooks_of(model) -> int:
     """Forward hooks and pre-hooks on the top-level model (virtual-token methods add one)."""
     return len(model._forward_pre_hooks) + len(model._forward_hooks)
+
+
+class NoCacheModel(nn.Module):
+    """A model whose forward takes ids and a mask but no cache (nor **kwargs to pass one on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = build_llama16()
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits

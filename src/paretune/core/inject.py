@@ -45,19 +45,37 @@ def kind_of(module: nn.Module) -> str | None:
     return g.kind if g is not None else None
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s) that "all-linear" leaves out (as PEFT does)."""
-    heads: set[str] = set()
-    get = getattr(model, "get_output_embeddings", None)
-    head = None
+def embedding_names(model: nn.Module, which: str) -> set[str]:
+    """Names of the module ``model.get_{which}_embeddings()`` returns ("input" or "output"),
+    wrapped in a host or not; empty when the model has no such method or it fails."""
+    get = getattr(model, f"get_{which}_embeddings", None)
+    target = None
     if callable(get):
         try:
-            head = get()
+            target = get()
         except Exception:
-            head = None
-    for name, module in iter_modules(model):
-        if head is not None and (module is head or (isinstance(module, Host) and module.base is head)):
-            heads.add(name)
+            target = None
+    if target is None:
+        return set()
+    return {name for name, module in iter_modules(model)
+            if name and (module is target or (isinstance(module, Host) and module.base is target))}
+
+
+def targets_by_model_type(model: nn.Module, table: dict, method: str, hint: str):
+    """``table[model.config.model_type]`` (a method's default targets per architecture); a
+    TargetError naming the known architectures and ``hint`` (what to pass as targets) otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise TargetError(
+            f"{method}: no default targets for a {type(model).__name__} (model_type={model_type!r}; known: "
+            f"{', '.join(sorted(table))}). {hint}"
+        )
+    return table[model_type]
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s) that "all-linear" leaves out (as PEFT does)."""
+    heads = embedding_names(model, "output")
     if not heads:
         for name, _ in iter_modules(model):
             if name.split(".")[-1] in ("lm_head", "classifier", "score"):

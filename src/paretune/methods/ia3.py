@@ -52,6 +52,7 @@ from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
+from ..core.inject import targets_by_model_type
 from ..core.registry import register
 from ..errors import ParetuneError, TargetError
 
@@ -88,15 +89,11 @@ def is_feedforward(name: str, feedforward_modules: list[str] | str | None) -> bo
 
 def default_targets(model: nn.Module) -> list[str]:
     """PEFT's (IA)³ targets for the model's architecture (``model.config.model_type``)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise TargetError(
-            f"ia3: no default targets for a {type(model).__name__} (model_type={model_type!r}; known: {known}). "
-            "Pass targets=[...] (the key and value projections and the feed-forward down projection) and, "
-            "if its names differ from the defaults, feedforward_modules=[...]."
-        )
-    return list(ARCHITECTURES[model_type][0])
+    targets, _ = targets_by_model_type(
+        model, ARCHITECTURES, "ia3",
+        "Pass targets=[...] (the key and value projections and the feed-forward down projection) and, if its "
+        "names differ from the defaults, feedforward_modules=[...].")
+    return list(targets)
 
 
 @dataclasses.dataclass

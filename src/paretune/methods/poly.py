@@ -77,10 +77,10 @@ from ..core.config import AdapterConfig
 from ..core.delta import SharedInBank
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
-from ..core.inject import hosts
+from ..core.inject import hosts, targets_by_model_type
 from ..core.registry import register
 from ..core.state import record_of, state_of
-from ..errors import ConfigError, ParetuneError, TargetError
+from ..errors import ConfigError, ParetuneError
 
 EPS = 1e-12  # PEFT's router.py: added to the sum of σ(Z) before normalising
 TRAIN_CHOICES = ("all", "routing", "inventory")
@@ -106,13 +106,8 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 
 def default_targets(model: nn.Module) -> list[str]:
     """PEFT's Poly targets for the model's architecture (``model.config.model_type``)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise TargetError(
-            f"poly: no default targets for a {type(model).__name__} (model_type={model_type!r}; known: "
-            f"{', '.join(sorted(ARCHITECTURES))}). Pass targets=[...] (e.g. the attention query and value projections)."
-        )
-    return list(ARCHITECTURES[model_type])
+    return list(targets_by_model_type(model, ARCHITECTURES, "poly",
+                                      "Pass targets=[...] (e.g. the attention query and value projections)."))
 
 
 @dataclasses.dataclass

@@ -82,20 +82,11 @@ class PromptTuningConfig(AdapterConfig):
 
 def input_embedding_name(model: nn.Module, method: str) -> str:
     """The module name of ``model``'s input embedding (``get_input_embeddings()``)."""
-    from ..core.host import Host
-    from ..core.inject import iter_modules
+    from ..core.inject import embedding_names
 
-    get = getattr(model, "get_input_embeddings", None)
-    emb = None
-    if callable(get):
-        try:
-            emb = get()
-        except Exception:
-            emb = None
-    if emb is not None:
-        for name, module in iter_modules(model):
-            if name and (module is emb or (isinstance(module, Host) and module.base is emb)):
-                return name
+    names = embedding_names(model, "input")
+    if names:
+        return sorted(names)[0]
     raise TargetError(
         f"{method}: no input embedding found on this {type(model).__name__} (get_input_embeddings()); pass "
         "targets=[...] with the name of the embedding of the input tokens."
