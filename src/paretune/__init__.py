@@ -12,6 +12,7 @@ from . import methods  # noqa: E402,F401  (importing the package registers the b
 from .api import active, adapt, adapters, merge, per_sample, remove, set_active, unload, unmerge  # noqa: E402
 from .core.accounting import count  # noqa: E402
 from .io import hot_swap, load, save  # noqa: E402
+from .parallel import parallel  # noqa: E402
 from .peft_io import export_peft, import_peft  # noqa: E402
 from .core.registry import all_methods  # noqa: E402
 from .errors import AdapterFileError, ConfigError, ParetuneError, TargetError  # noqa: E402
@@ -32,6 +33,6 @@ def train(*args, **kwargs):
 
 __all__ = [
     "adapt", "list_methods", "count", "set_active", "active", "adapters", "merge", "unmerge", "unload", "remove",
-    "save", "load", "hot_swap", "export_peft", "import_peft", "per_sample", "train",
+    "save", "load", "hot_swap", "export_peft", "import_peft", "per_sample", "parallel", "train",
     "ParetuneError", "ConfigError", "TargetError", "AdapterFileError", "__version__",
 ]

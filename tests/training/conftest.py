@@ -66,3 +66,23 @@ WORDS = ["red", "green", "blue", "cyan", "pink", "gold", "grey", "teal"]
 
 def _colour_pairs() -> list[dict]:
     return [{"text": f"{a} {b}", "label": str((i + j) % 3)} for i, a in enumerate(WORDS) for j, b in enumerate(WORDS)]
+
+
+class Interrupted(Exception):
+    """Raised by :func:`interrupt_at` to stop a run as a crash would."""
+
+
+@pytest.fixture
+def interrupt_at():
+    """``on_step=interrupt_at(k)`` stops a training run after optimizer step k."""
+    def make(stop: int):
+        def hook(step, model, opt):
+            if step == stop:
+                raise Interrupted
+        return hook
+    return make
+
+
+@pytest.fixture
+def interrupted():
+    return Interrupted

@@ -62,22 +62,16 @@ def test_two_processes_equal_one(tmp_path):
     assert any(not torch.allclose(a[k], torch.zeros_like(a[k])) for k in a)
 
 
-def test_checkpoint_resume_equals_uninterrupted(tiny_bert, minilm_tokenizer, colour_data, tmp_path):
+def test_checkpoint_resume_equals_uninterrupted(tiny_bert, minilm_tokenizer, colour_data, tmp_path, interrupt_at,
+                                                 interrupted):
     kw = dict(tokenizer=minilm_tokenizer, method="lora", options={"r": 2, "dropout": 0.1}, steps=6, lr=1e-2,
               batch_size=8, progress=False, seed=3)
     full = _trained(train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, **kw))
 
-    class Stop(Exception):
-        pass
-
-    def crash(step, model, opt):
-        if step == 4:
-            raise Stop
-
     ck = tmp_path / "ck"
-    with pytest.raises(Stop):
+    with pytest.raises(interrupted):
         train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(ck), checkpoint_every=3,
-              on_step=crash, **kw)
+              on_step=interrupt_at(4), **kw)
     assert (ck / "state.pt").is_file()
     resumed = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(ck), checkpoint_every=3,
                     resume=True, **kw)

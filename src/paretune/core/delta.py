@@ -54,6 +54,9 @@ class Delta(nn.Module):
       layers (held in its bank), counted once (default 0; subspace training's θ_d);
     * :meth:`on_step` ``(step, total)``: called by the trainer after each optimizer step (default
       nothing; LaMDA freezes B by it);
+    * :meth:`aux_loss`: an auxiliary loss the trainer adds to the task loss (default None);
+    * :meth:`growth_state` / :meth:`grow_to`: for parameter shapes that change during training,
+      so that a checkpoint resumes mid-growth (default: fixed shapes);
     * with ``shifts_base = True``: :meth:`unshift` and :meth:`restore_base`, for a delta whose
       construction changes the base weight (PiSSA keeps the residual there);
     * with ``depends_on_base = True``: :meth:`merged_deltas`, for a ΔW that is a function of W.
@@ -111,8 +114,27 @@ class Delta(nn.Module):
         return self.forward(x, base_out)
 
     def on_step(self, step: int, total: int) -> None:
-        """Called by the trainer after optimizer step ``step`` of ``total`` (and once with the
-        starting step when a run resumes), for schedules over training. Default: nothing."""
+        """Called by the trainer after optimizer step ``step`` of ``total``, while the step's
+        gradients are still on the parameters (and once with the starting step when a run
+        resumes), for schedules over training. Parameters that a schedule creates here (rank
+        growth) join the optimizer as a new parameter group. Default: nothing."""
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """An auxiliary training loss (a router's load balance, an orthogonality penalty) that
+        the trainer adds to the task loss after each forward pass; return it and forget it (the
+        next forward builds a new one). Default: None."""
+        return None
+
+    def growth_state(self) -> dict | None:
+        """For a method whose parameter shapes change during training: what :meth:`grow_to` needs
+        to rebuild the current shapes (JSON-able ints / lists), written into checkpoints. Default:
+        None (fixed shapes)."""
+        return None
+
+    def grow_to(self, state: dict) -> None:
+        """Rebuild the parameter shapes that :meth:`growth_state` described (values are restored
+        afterwards), when a checkpoint taken mid-growth is resumed."""
+        raise NotImplementedError(f"{type(self).__name__} has no growth to restore")
 
     def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(flat, values): ΔW is ``values`` at the flat positions ``flat`` (row · d_in + col of the

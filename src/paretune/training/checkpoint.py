@@ -1,5 +1,6 @@
-"""Checkpoints for resuming a run: trainable tensors, optimizer, step, RNG and loss history.
-Only trainable tensors are written (not the frozen base), atomically."""
+"""Checkpoints for resuming a run: trainable tensors, optimizer, step, RNG and loss history, and
+the shapes of adapters that grow during training. Only trainable tensors are written (not the
+frozen base), atomically."""
 
 from __future__ import annotations
 
@@ -12,19 +13,35 @@ import torch
 from torch import nn
 
 from ..core.atomic import atomic_dir
+from ..core.inject import hosts
 
 FILE = "state.pt"
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: int, history: list[float]) -> None:
+def _growing(model: nn.Module):
+    """(key, delta) of every adapter on the model whose shapes change during training."""
+    for host_name, host in hosts(model):
+        for adapter, delta in host.deltas.items():
+            if delta.growth_state() is not None:
+                yield f"{host_name}:{adapter}", delta
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: int, history: list[float],
+                    aux_history: list[float] | None = None) -> None:
     """Write the tensors the optimizer trains (also those a schedule has frozen since, such as
-    LaMDA's B), the optimizer, step, history and RNG states."""
+    LaMDA's B), the optimizer with the names of each group's tensors (groups added by rank growth
+    are rebuilt on resume), step, histories, RNG states and every growing adapter's shapes."""
+    names = {id(p): n for n, p in model.named_parameters()}
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     state = {
         "step": step,
         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if id(p) in trained},
         "optimizer": optimizer.state_dict(),
+        "groups": [{"names": [names[id(p)] for p in g["params"]], "peak_lr": g.get("peak_lr", g["lr"])}
+                   for g in optimizer.param_groups],
+        "growth": {key: delta.growth_state() for key, delta in _growing(model)},
         "history": list(history),
+        "aux_history": list(aux_history or []),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
@@ -33,9 +50,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: 
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns it (step, history)."""
+    """Restore a checkpoint in place; returns it (step, history). Growing adapters are first given
+    the checkpoint's shapes, and parameter groups added by growth are added again in order."""
     state = torch.load(Path(path) / FILE, map_location="cpu", weights_only=True)  # never unpickles
+    growing = dict(_growing(model))
+    for key, grown in state.get("growth", {}).items():
+        if key in growing:
+            growing[key].grow_to(grown)
     params = dict(model.named_parameters())
+    for group in state.get("groups", [])[len(optimizer.param_groups):]:
+        optimizer.add_param_group({"params": [params[n] for n in group["names"]], "lr": group["peak_lr"],
+                                   "peak_lr": group["peak_lr"]})
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)

@@ -12,7 +12,12 @@ Choices, stated:
 * Data order comes from ``seed`` and the step alone, so a resumed run sees the batches an
   uninterrupted run would.
 * Hooks after every optimizer step: each active adapter's ``on_step(step, total_steps)`` (method
-  schedules: rank growth, freezing, alternation), then the caller's ``on_step(step, model, optimizer)``.
+  schedules: rank growth, freezing, alternation) while the step's gradients are still there, then
+  the caller's ``on_step(step, model, optimizer)``. Parameters that appear in a hook (rank growth)
+  join the optimizer as a new parameter group at the adapters' learning rate (one process only).
+* Auxiliary losses: after each forward pass, the active adapters' ``aux_loss()`` (a router's load
+  balance, an orthogonality penalty) are added to the task loss, averaged over micro-batches and
+  processes; their value per step is ``TrainResult.aux_history`` and ``metrics["aux_loss"]``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from ..api import adapt
+from ..core.delta import Delta
 from ..core.inject import hosts, output_head_names
 from ..data.examples import Dataset, load_data
 from ..errors import ParetuneError
@@ -42,8 +48,9 @@ BASELINES = ("head", "full")  # the task head alone, full fine-tuning; the bench
 @dataclasses.dataclass
 class TrainResult:
     metrics: dict[str, Any]
-    history: list[float]  # training loss per optimizer step
+    history: list[float]  # training loss per optimizer step (the task loss, without auxiliary losses)
     model: nn.Module
+    aux_history: list[float] = dataclasses.field(default_factory=list)  # summed auxiliary losses per step
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -93,6 +100,25 @@ def _set_trainable(model: nn.Module, method: str | None, options: dict, targets,
         for h in heads:
             for p in model.get_submodule(h).parameters():
                 p.requires_grad_(True)
+
+
+def _aux_loss(deltas: list[Delta]) -> torch.Tensor | None:
+    """The sum of the adapters' auxiliary losses from the forward pass just run (None: none)."""
+    losses = [a for a in (d.aux_loss() for d in deltas) if a is not None]
+    return torch.stack([a.float() for a in losses]).sum() if losses else None
+
+
+def _adopt_new_parameters(model: nn.Module, optimizer, params: list, lr: float, world: int) -> None:
+    """Parameters that a schedule created (rank growth) join the optimizer as one new group."""
+    known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    new = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
+    if not new:
+        return
+    if world > 1:
+        raise ParetuneError("an adapter grew new parameters during a multi-process run, which the "
+                            "processes' gradient synchronisation cannot follow; train it in one process.")
+    optimizer.add_param_group({"params": new, "lr": lr, "peak_lr": lr})
+    params.extend(new)
 
 
 def _check(steps: int, lr: float, batch_size: int, grad_accum: int, world: int) -> None:
@@ -226,10 +252,11 @@ def train(
         raise ParetuneError("nothing to train: no parameter requires grad. Adapt the model or pass method=.")
     optimizer = torch.optim.AdamW(_param_groups(model, params, lr, head_lr), lr=lr, weight_decay=weight_decay)
     model.train()
-    start_step, history = 0, []
+    start_step, history, aux_history = 0, [], []
     if resume and checkpoint_dir and has_checkpoint(checkpoint_dir):
         state = load_checkpoint(checkpoint_dir, model, optimizer)
-        start_step, history = state["step"], state["history"]
+        start_step, history, aux_history = state["step"], state["history"], state.get("aux_history", [])
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # with any grown ones
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
     deltas = [d for _, h in hosts(raw) for d in h.active_deltas()]  # on_step: schedules over training
@@ -254,7 +281,7 @@ def train(
         mine = rows[rank * per_rank:(rank + 1) * per_rank]
         for g in optimizer.param_groups:
             g["lr"] = g["peak_lr"] * lr_factor(step, steps, warmup_steps, schedule)
-        step_loss = 0.0
+        step_loss, step_aux = 0.0, 0.0
         for k in range(grad_accum):
             part = mine[k * micro:(k + 1) * micro]
             batch = collate(enc, part, pad_id, acc.device)
@@ -262,18 +289,25 @@ def train(
             with (acc.no_sync(model) if not sync and world > 1 else nullcontext()), acc.autocast():
                 loss_sum, _ = summed_loss(model, batch, enc.kind)
                 loss = loss_sum / units * world
+                aux = _aux_loss(deltas)
+                if aux is not None:
+                    loss = loss + aux / grad_accum
+                    step_aux += float(aux.detach()) / grad_accum
             acc.backward(loss)
             step_loss += float(loss_sum.detach()) / units
         if max_grad_norm and max_grad_norm > 0:
             acc.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            t = torch.tensor([step_loss], device=acc.device)
-            step_loss = float(acc.reduce(t, reduction="sum"))
-        history.append(step_loss)
         for d in deltas:
             d.on_step(step + 1, steps)
+        _adopt_new_parameters(raw, optimizer, params, lr, world)
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            t = torch.tensor([step_loss, step_aux / world], device=acc.device)
+            step_loss, step_aux = (float(v) for v in acc.reduce(t, reduction="sum"))
+        history.append(step_loss)
+        if any(type(d).aux_loss is not Delta.aux_loss for d in deltas):
+            aux_history.append(step_aux)
         if on_step is not None:
             on_step(step + 1, raw, optimizer)
         if bar is not None:
@@ -282,7 +316,7 @@ def train(
         if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(checkpoint_dir, raw, optimizer, step + 1, history)
+                save_checkpoint(checkpoint_dir, raw, optimizer, step + 1, history, aux_history)
     train_seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -297,7 +331,9 @@ def train(
         # what the optimizer trained (a schedule may have frozen some of it since, e.g. LaMDA's B)
         "trainable": sum(p.numel() for p in params),
     }
+    if aux_history:
+        metrics["aux_loss"] = sum(aux_history[-10:]) / len(aux_history[-10:])
     if enc_eval is not None:
         metrics.update(evaluate(raw, enc_eval, pad_id, acc.device, eval_batch_size, acc.autocast))
         metrics["metric"] = "accuracy" if enc.kind == "classification" else "exact_match"
-    return TrainResult(metrics, history, raw)
+    return TrainResult(metrics, history, raw, aux_history)
