@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import paretune
+
 from paretune.core import AdapterConfig, Delta, register, unregister
 from paretune.training import train
 
@@ -70,6 +72,13 @@ class GrowDelta(Delta):
     def trainable_formula(cls, d_out, d_in, config):
         return d_out + d_in
 
+    def formula_now(self):
+        return len(self.a) * (self.geometry.d_out + self.geometry.d_in)
+
+    @classmethod
+    def most_trainable(cls, geometries, config):
+        return sum(config.max_rank * (g.d_out + g.d_in) for g in geometries)
+
 
 @pytest.fixture
 def toy_method():
@@ -105,6 +114,12 @@ def test_grown_parameters_join_the_optimizer(toy_method, tiny_bert, minilm_token
     got = _deltas(res)
     assert any(n.endswith("b.1") for n in got) and any(n.endswith("b.2") for n in got)
     assert all(got[n].abs().sum() > 0 for n in got if n.endswith("b.1"))  # the grown rank trained
+    # count: as it stands, and the budget (one 16 x 16 query layer; 3 ranks at most)
+    cost = paretune.count(res.model)
+    assert cost["trainable"] == cost["formula"] == cost["max_trainable"] == 3 * (16 + 16)
+    fresh = paretune.adapt(tiny_bert(minilm_tokenizer.vocab_size), toy_method, targets=["query"])
+    cost = paretune.count(fresh)
+    assert cost["trainable"] == cost["formula"] == 16 + 16 and cost["max_trainable"] == 3 * (16 + 16)
 
 
 def test_checkpoint_mid_growth_resumes_to_the_same_adapter(toy_method, tiny_bert, minilm_tokenizer,

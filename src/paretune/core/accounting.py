@@ -16,6 +16,8 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
     the tensors :func:`paretune.save` writes, without the small JSON), ``base`` (parameters of the
     model that belong to no adapter) and ``formula`` (the trainable count by the paper's formula,
     summed over the adapted layers, plus what the adapter shares across them; equal to ``trainable`` for a faithful method).
+    An adapter that grows during training (IncreLoRA) is counted as it stands, and ``max_trainable``
+    (present only then) is the most it can reach: its budget.
     """
     from . import registry
 
@@ -23,6 +25,7 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
     adapter_params: set[int] = set()
     trainable = stored = formula = 0
     shapes: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
+    geometries: dict[str, list] = {n: [] for n in names}
     for _, host in hosts(model):
         for n in names:
             if n not in host.deltas:
@@ -34,12 +37,20 @@ def count(model: nn.Module, name: str | None = None) -> dict[str, int]:
                     trainable += p.numel()
             files = quant.file_tensors(delta, state_of(model).adapters[n].bits)
             stored += sum(t.numel() * t.element_size() for t in files.values())
-            spec = registry.get(state_of(model).adapters[n].method)
-            formula += spec.delta_cls.layer_formula(delta.geometry, delta.config)
+            formula += delta.formula_now()
             shapes[n].append((delta.d_out, delta.d_in))
+            geometries[n].append(delta.geometry)
+    most = None
     for n in names:  # what an adapter shares across its layers, once
         record = state_of(model).adapters[n]
-        formula += registry.get(record.method).delta_cls.shared_formula(shapes[n], record.config)
+        cls = registry.get(record.method).delta_cls
+        formula += cls.shared_formula(shapes[n], record.config)
+        grows = cls.most_trainable(geometries[n], record.config)
+        if grows is not None:
+            most = (most or 0) + grows
     all_adapter = {id(p) for _, h in hosts(model) for p in h.deltas.parameters()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in all_adapter)
-    return {"trainable": trainable, "stored_bytes": stored, "base": base, "formula": formula}
+    out = {"trainable": trainable, "stored_bytes": stored, "base": base, "formula": formula}
+    if most is not None:
+        out["max_trainable"] = most
+    return out

@@ -119,6 +119,18 @@ class Delta(nn.Module):
         resumes), for schedules over training. Parameters that a schedule creates here (rank
         growth) join the optimizer as a new parameter group. Default: nothing."""
 
+    def formula_now(self) -> int:
+        """The paper's count for this layer as it stands; a growing method overrides it to count its
+        current rank. Default: :meth:`layer_formula` of the geometry and config."""
+        return type(self).layer_formula(self.geometry, self.config)
+
+    @classmethod
+    def most_trainable(cls, geometries: list[Geometry], config: AdapterConfig) -> int | None:
+        """For a method that grows during training: the most trainable numbers the adapter can
+        reach on these layers (its budget), which ``count`` reports as ``max_trainable``. Default:
+        None (a fixed size)."""
+        return None
+
     def aux_loss(self) -> torch.Tensor | None:
         """An auxiliary training loss (a router's load balance, an orthogonality penalty) that
         the trainer adds to the task loss after each forward pass; return it and forget it (the
