@@ -1,6 +1,10 @@
 """Bottleneck adapters: the adapted model against the adapter's math written out by hand (hooks on a
 fresh copy of the base), placements per architecture, counts, the BERT parallel path's hooks, and
-bad input."""
+bad input.
+
+AdapterHub's ``adapters`` library cannot be compared here: every release pins transformers below 5
+(the newest, 1.3, needs transformers >=4.57.6,<4.58; `uv pip compile` of ``adapters`` beside
+transformers 5.24 finds no solution), so the reference is the formula written out by hand."""
 
 from __future__ import annotations
 
