@@ -64,6 +64,28 @@ TUNING: dict[str, BenchTuning] = {
     "mam": BenchTuning(knob="num_virtual_tokens", knob_max=256, options={"bottleneck": 8}),
     # The VeRA paper tunes its vectors at learning rates about ten times LoRA's (4e-3 to 1e-2 on GLUE).
     "vera": BenchTuning(lr=1e-2),
+    # MoS keeps its effective rank r (64) and is sized by the LoRA rank whose count its shard pools
+    # equal (MiniLM-L6 at 70,000: equivalent_r = 2, 82,944 numbers).
+    "mos": BenchTuning(knob="equivalent_r", knob_max=64),
+    # AdaLoRA is sized by its starting rank (target_r follows it, the budget schedule spans the run).
+    "adalora": BenchTuning(knob="init_r", knob_max=64),
+    # IncreLoRA grows from 1 rank per matrix (plus a reserve) towards an average of 2 over steps 30-105
+    # of the quick bench's 150; its starting count does not follow target_r, so it runs at these
+    # options (MiniLM-L6: 82,980 at the start, at most 152,136 grown).
+    "increlora": BenchTuning(options={"init_r": 1, "target_r": 2, "incre_rank_num": 1, "init_warmup": 15,
+                                      "incre_interval": 15, "top_h": 6}),
+    # LoRA-Mixer: E experts per attention projection; 2 experts, top-1, so that r = 1 fits the quick
+    # budget (at the default 4 experts r = 1 is already 110,592 on MiniLM-L6).
+    "lora-mixer": BenchTuning(knob="r", knob_max=64, options={"n_experts": 2, "top_k": 1}),
+    # MoSA is a bottleneck adapter trained sparsely: sized as bottleneck.
+    "mosa": BenchTuning(knob="bottleneck"),
+    # FlyLoRA's r must stay at or above k; with k = 1 the bench can scan r from 1 (MiniLM-L6 at
+    # 70,000: r = 3, 63,360 numbers).
+    "flylora": BenchTuning(options={"k": 1}),
+    # MixLoRA: E experts of the feed-forward block; 2 experts, both active, so that r = 1 fits the quick
+    # budget (69,120 on MiniLM-L6; 4 experts need 119,808). top_k = 1 would give the router no
+    # gradient from the task loss (its one weight renormalises to 1).
+    "mixlora": BenchTuning(knob="r", knob_max=64, options={"num_experts": 2, "top_k": 2}),
 }
 
 

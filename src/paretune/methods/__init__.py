@@ -21,3 +21,8 @@ from . import prompt_tuning  # noqa: F401
 from . import prefix_tuning  # noqa: F401
 from . import mam  # noqa: F401
 from . import scalearn  # noqa: F401
+from . import flylora  # noqa: F401
+from . import lora_mixer, mosa  # noqa: F401
+from . import mos  # noqa: F401
+from . import mixlora  # noqa: F401
+from . import adalora, increlora  # noqa: F401
