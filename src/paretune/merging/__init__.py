@@ -6,3 +6,4 @@ TIES, DARE and PCB on task vectors (fine-tuned minus base weights).
 """
 
 from .methods import METHODS, dare, pcb, search_lambda, task_arithmetic, ties, weighted_average
+from .adapters import merge_adapters
