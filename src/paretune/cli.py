@@ -6,6 +6,7 @@
     paretune train ...               fine-tune a model with one method (paretune.training.cli)
     paretune bench ...               sweeps and Pareto reports (paretune.bench.cli)
     paretune intrinsic-dim ...       d90 of a model on a task by subspace training (paretune.measure.cli)
+    paretune merge RECIPE --out DIR  merge fine-tuned models with a YAML recipe (paretune.merging.cli)
     paretune --version
 
 Bad input (a :class:`paretune.errors.ParetuneError`) prints ``error: ...`` to stderr and exits
@@ -290,6 +291,7 @@ def _register_stub(name: str, reason: str) -> None:
 _register_external("train", "training.cli", "train_command")
 _register_external("bench", "bench.cli", "bench_command")
 _register_external("intrinsic-dim", "measure.cli", "intrinsic_dim_command")
+_register_external("merge", "merging.cli", "merge_command")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -7,3 +7,5 @@ TIES, DARE and PCB on task vectors (fine-tuned minus base weights).
 
 from .methods import METHODS, dare, pcb, search_lambda, task_arithmetic, ties, weighted_average
 from .adapters import merge_adapters
+from .models import merge_models, merge_state_dicts
+from .recipe import Recipe, load_recipe, run_recipe
