@@ -122,6 +122,7 @@ class Host(nn.Module):
             self.geometry.add_at(*sparse)
         else:
             self.geometry.add_to_weight(delta.delta_weight())
+        self._keep_pruned()
         db = delta.delta_bias()
         if db is not None:
             self._add_to_bias(db, 1.0)
@@ -138,11 +139,19 @@ class Host(nn.Module):
         else:
             dw, db = delta.merged_deltas()
             self.geometry.add_to_weight(dw, sign=-1.0)
+        self._keep_pruned()
         if db is not None:
             self._add_to_bias(db, -1.0)
         if last and self.made_bias:
             self.base.bias = None
             self.made_bias = False
+
+    def _keep_pruned(self) -> None:
+        """A pruned base (``paretune.compress.prune`` leaves a ``prune_mask`` buffer, True where a
+        weight is kept) stays pruned after a merge: the weights the mask removed are zero again."""
+        mask = self.base._buffers.get("prune_mask")
+        if mask is not None:
+            self.geometry.weight.mul_(mask.to(self.geometry.weight.dtype))
 
     def _add_to_bias(self, delta: torch.Tensor, sign: float) -> None:
         """b += sign * delta. A base without a bias (a Llama Linear) gets a frozen zero bias first."""
