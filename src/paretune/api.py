@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from .core import quant, registry
+from .core.geometry import QuantizedLinearGeometry
 from .core.host import Host
 from .core.inject import Targets, hosts, match_targets, unwrap, wrap
 from .core.serving import SamplePlan
 from .core.state import AdapterInfo, AdapterRecord, drop_state, has_state, record_of, state_of
-from .errors import ParetuneError
+from .errors import ParetuneError, TargetError
 
 
 def adapt(
@@ -61,6 +62,7 @@ def adapt(
     built: list[tuple[Host, nn.Module]] = []
     try:
         targets_hosts = [wrap(model, module_name, st) for module_name in names]
+        _refuse_shift_on_quantized(spec, targets_hosts)
         bank = spec.delta_cls.make_bank([h.geometry for h in targets_hosts], config)
         for layer, host in enumerate(targets_hosts):
             delta = spec.delta_cls(host.geometry, config, bank=bank, layer=layer)
@@ -85,6 +87,19 @@ def adapt(
     st.set_active([*st.active, name])
     _reroute(model)
     return model
+
+
+def _refuse_shift_on_quantized(spec, hosts_: list[Host]) -> None:
+    """A method that moves part of W into itself when built (PiSSA's residual) cannot do so on a
+    quantised base layer, which could not hold the residual exactly in its k bits."""
+    if not spec.delta_cls.shifts_base:
+        return
+    for host in hosts_:
+        if isinstance(host.geometry, QuantizedLinearGeometry):
+            raise TargetError(
+                f"{spec.name} changes the base weight when it is built, which the quantised layer "
+                f"{host.geometry.name or 'a QuantizedLinear'} cannot hold exactly; use lora on the quantised model "
+                "(QLoRA), or build this adapter on the float model and quantise afterwards.")
 
 
 def _quantize(method: str, deltas: list[nn.Module], bits: int) -> None:

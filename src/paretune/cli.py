@@ -205,7 +205,8 @@ def _peft_info(path: Path) -> dict[str, Any]:
 @app.command("info")
 @guarded
 def info_command(
-    path: Path = typer.Argument(..., help="An adapter folder written by paretune.save (or a PEFT LoRA folder)."),
+    path: Path = typer.Argument(..., help="An adapter folder written by paretune.save (or a PEFT LoRA folder), "
+                                "or a model folder written by paretune.compress.save_compressed."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     show: int = typer.Option(5, "--show", help="How many target module names to list."),
 ) -> None:
@@ -217,6 +218,11 @@ def info_command(
         raise ParetuneError(f"{path} does not exist; give an adapter folder written by paretune.save.")
     if not path.is_dir():
         raise ParetuneError(f"{path} is a file, not an adapter folder; give the folder that holds {CONFIG_FILE}.")
+    from .compress.storage import is_compressed
+
+    if is_compressed(path):
+        _compressed_info(path, as_json)
+        return
     if (path / CONFIG_FILE).exists():
         info = _paretune_info(path)
     elif (path / PEFT_CONFIG).exists():
@@ -251,6 +257,23 @@ def info_command(
             lines.append(f"written by:  paretune {info['library_version']}")
     for line in lines:
         typer.echo(line)
+
+
+def _compressed_info(path: Path, as_json: bool) -> None:
+    """``paretune info`` of a model folder written by ``paretune.compress.save_compressed``."""
+    from .compress.storage import info as compressed_info
+
+    info = compressed_info(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    settings = "; ".join(f"{s['bits']}-bit, group {s['group_size']}, axis {s['axis']}" for s in info["settings"])
+    packed, dense = info["quantized_weight_bytes"], info["float_weight_bytes"]
+    typer.echo(f"model:       {info['path']} (paretune compressed, {info.get('model_class') or 'unknown class'})")
+    typer.echo(f"quantised:   {info['quantized_modules']} modules: {settings}")
+    typer.echo(f"bytes:       {packed:,} packed ({human_bytes(packed)}) for {dense:,} as float "
+               f"({human_bytes(dense)}): {packed / max(dense, 1):.1%}")
+    typer.echo("float copy:  " + ("model.safetensors (transformers reads it)" if info["dequantized_copy"] else "none"))
 
 
 # -- paretune train / paretune bench (built in their own packages) ----------------------------

@@ -196,7 +196,8 @@ def load(
     """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
     ``name_or_path``: a bundled name (``paretune models`` lists them: ``smollm2-135m``,
-    ``minilm-l6``), a local folder (or a ``.gguf`` file), or a Hugging Face Hub id.
+    ``minilm-l6``), a local folder (or a ``.gguf`` file; a folder that ``paretune.compress.save_compressed``
+    wrote loads quantised), or a Hugging Face Hub id.
     ``task``: ``"causal-lm"``, ``"classification"`` (a new, randomly initialised head with
     ``num_labels`` classes), ``"encoder"`` (the bare model), or ``"auto"``: the bundled model's
     default, else causal-lm when the config's architectures are a causal LM, else encoder
@@ -210,10 +211,18 @@ def load(
     name = os.fspath(name_or_path)
     if not name.strip():
         raise ParetuneError(f"model name is empty; give a bundled name ({_names()}), a local folder or a Hub id.")
+    user_dtype = dtype
     dtype = torch.float32 if dtype is None else _resolve_dtype(dtype)
     task = _check_task(task, num_labels)
     if name in BUNDLED:
         return _load_bundled(BUNDLED[name], task, num_labels, dtype)
+    local = Path(os.path.expanduser(name))
+    if local.is_dir():  # a folder written by paretune.compress.save_compressed
+        from .compress.storage import load_if_compressed
+
+        got = load_if_compressed(local, task=task, num_labels=num_labels, dtype=user_dtype)
+        if got is not None:
+            return got
     return _load_other(name, task, num_labels, dtype)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paretune.compress.lottery import iterative_magnitude_pruning
-from paretune.compress.prune import masks
+from paretune.compress.pruning import masks
 from paretune.errors import ConfigError, ParetuneError
 
 

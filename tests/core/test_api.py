@@ -206,7 +206,8 @@ def test_count_matches_parameters_and_formula(two):
     assert a["stored_bytes"] == 4 * lora and b["stored_bytes"] == 4 * pissa
     base = sum(p.numel() for n, p in model.named_parameters() if ".deltas." not in n)
     assert a["base"] == b["base"] == total["base"] == base
-    assert set(a) == {"trainable", "stored_bytes", "base", "formula"}
+    assert set(a) == {"trainable", "stored_bytes", "base", "base_bytes", "formula"}
+    assert a["base_bytes"] == 4 * base  # float32
 
 
 def test_count_on_a_plain_model_is_a_clear_error(make_llama):

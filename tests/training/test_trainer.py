@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -193,3 +194,26 @@ def test_virtual_token_methods_train_on_generation(tiny_llama, char_tokenizer, m
                 steps=20, lr=3e-2, batch_size=4, progress=False, warmup=0)
     assert res.history[-1] < res.history[0]
     assert 0.0 <= res.metrics["exact_match"] <= 1.0
+
+
+def test_bitnet_option_trains_ternary_layers(tiny_bert, minilm_tokenizer, colour_data, tmp_path):
+    """train(..., bitnet=True): the Linears become BitNet b1.58 layers before training, their latent
+    weights train, and freezing gives int8 codes in {-1, 0, 1} with the same outputs."""
+    from paretune.compress import BitLinear, TernaryLinear, freeze_ternary
+
+    model = tiny_bert(minilm_tokenizer.vocab_size)
+    res = train(model, colour_data, tokenizer=minilm_tokenizer, method="full", bitnet=True, steps=3, batch_size=8,
+                lr=1e-2, progress=False)
+    bit = [m for m in res.model.modules() if isinstance(m, BitLinear)]
+    assert bit and all(m.weight.requires_grad for m in bit)
+    assert all(math.isfinite(v) for v in res.history)
+    batch = minilm_tokenizer(["red blue", "gold teal"], return_tensors="pt", padding=True)
+    res.model.eval()
+    with torch.no_grad():
+        before = res.model(**batch).logits
+        frozen = freeze_ternary(res.model)
+        after = frozen(**batch).logits
+    codes = [m for m in frozen.modules() if isinstance(m, TernaryLinear)]
+    assert len(codes) == len(bit)
+    assert all(set(torch.unique(m.codes).tolist()) <= {-1, 0, 1} for m in codes)
+    torch.testing.assert_close(after, before)

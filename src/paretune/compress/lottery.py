@@ -25,7 +25,7 @@ Choices the paper leaves to each network: every targeted layer is pruned at the 
 (the paper prunes LeNet's output layer at half the rate: leave it out of ``targets``, or use
 ``scope="global"``); biases are never pruned (as in the paper); each round removes
 ``floor(p · remaining)`` weights per layer (or in total). Masks are the modules' ``prune_mask``
-buffers of :mod:`paretune.compress.prune`, and the weights are multiplied by them after every
+buffers of :mod:`paretune.compress.pruning`, and the weights are multiplied by them after every
 optimizer step (through the ``on_step`` callback that ``train_fn`` must call), so pruned weights
 stay exactly zero whatever the optimizer.
 """
@@ -43,7 +43,7 @@ from torch import nn
 from ..core.geometry import geometry_for
 from ..core.inject import Targets, match_targets
 from ..errors import ConfigError, ParetuneError
-from .prune import KINDS, MASK, _install, _matrix_view, apply_masks, lowest_k
+from .pruning import KINDS, MASK, _install, _matrix_view, apply_masks, lowest_k
 
 Rewind = Union[str, int]
 TrainFn = Callable[[nn.Module, Callable[[int], None]], float]

@@ -10,9 +10,14 @@ conv1d     (in, out) (GPT-2)      W.T;         M x  = x @ M.T
 embedding  (num, dim)             W.T;         M x  = M.T[ids]  (a one-hot input)
 conv2d     (out, in, kh, kw)      (out, in*kh*kw); M x = conv2d(x, M as a kernel)
 =========  =====================  ====================================================
+
+A quantised Linear (packed k-bit codes) is read as kind "linear" through its dequantised weight
+(:class:`QuantizedLinearGeometry`); merging into it quantises the sum again.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -283,6 +288,59 @@ class BlockGeometry(Geometry):
         raise TargetError(f"a {type(self.base).__name__} block has no weight matrix to merge into")
 
 
+# -- quantised base layers -----------------------------------------------------------------------
+class QuantizedLinearGeometry(LinearGeometry):
+    """A quantised Linear (``paretune.compress.quantized.QuantizedLinear``, recognised by its class
+    attribute ``quantized_matrix = True``; the engine imports nothing above it) read as the Linear
+    its dequantised weight Ŵ makes: adapters on it train in float while the base stays packed
+    (QLoRA's arrangement, Dettmers et al. 2023).
+
+    ``weight`` and ``matrix()`` are Ŵ, a new tensor on each call (writing into it changes nothing).
+    Merging (``add_to_weight`` / ``add_at``) dequantises, adds ΔW in float32 (float64 for a float64
+    ΔW), quantises the sum again with the layer's own bits, group size and axis, and warns with the
+    relative Frobenius error of the requantised weight against the exact Ŵ + ΔW (and ‖ΔW‖/‖Ŵ‖ beside
+    it, to compare). Unmerging does the same with −ΔW, so after merge and unmerge the weight is the
+    requantisation of (requantised Ŵ + ΔW) − ΔW, not the original codes: both steps add a rounding
+    error of at most s/2 per entry. A delta that changes the base at construction (``shifts_base``:
+    PiSSA moves its principal part out of W) is refused: the residual could not stay exact in k bits."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.dequantized_weight()
+
+    def matrix(self) -> torch.Tensor:
+        return self.base.dequantized_weight()
+
+    def _requantize(self, new: torch.Tensor, delta_norm: float, sign: float) -> None:
+        err = self.base.set_weight(new)
+        ref = float(torch.linalg.vector_norm(new.double())) or 1.0
+        warnings.warn(
+            f"{'merging into' if sign > 0 else 'unmerging from'} the {self.base.bits}-bit quantised layer "
+            f"{self.name or type(self.base).__name__}: the weight was dequantised, changed by ΔW "
+            f"(‖ΔW‖/‖W‖ = {delta_norm / ref:.3g}) and quantised again; the requantised weight differs from the exact "
+            f"W {'+' if sign > 0 else '−'} ΔW by a relative Frobenius error of {err:.3g}.",
+            QuantizedMergeWarning, stacklevel=3)
+
+    def add_to_weight(self, delta: torch.Tensor, sign: float = 1.0) -> None:
+        with torch.no_grad():
+            dtype = torch.promote_types(delta.dtype, torch.float32)
+            w = self.base.dequantized_weight(dtype)
+            d = sign * delta.to(w.device, dtype)
+            self._requantize(w + d, float(torch.linalg.vector_norm(d.double())), sign)
+
+    def add_at(self, flat: torch.Tensor, values: torch.Tensor, sign: float = 1.0) -> None:
+        with torch.no_grad():
+            dtype = torch.promote_types(values.dtype, torch.float32)
+            w = self.base.dequantized_weight(dtype)
+            add = sign * values.to(w.device, dtype)
+            new = w.reshape(-1).index_add(0, flat.to(w.device, torch.long), add).view_as(w)
+            self._requantize(new, float(torch.linalg.vector_norm(add.double())), sign)
+
+
+class QuantizedMergeWarning(UserWarning):
+    """Merging into (or unmerging from) a quantised base layer added a requantisation error."""
+
+
 def _is_norm(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
@@ -303,9 +361,12 @@ def _last_linear(module: nn.Module) -> nn.Module | None:
 
 
 def geometry_for(module: nn.Module) -> Geometry | None:
-    """The geometry of a supported base module, or None if its kind is not supported: Linear,
+    """The geometry of a supported base module, or None if its kind is not supported: Linear (or a
+    quantised Linear),
     GPT-2 Conv1D, Embedding, Conv2d, a normalisation layer, or a block (a module with its own
     forward and a Linear inside, hosted whole by methods that declare the "block" kind)."""
+    if getattr(type(module), "quantized_matrix", False):
+        return QuantizedLinearGeometry(module)
     if isinstance(module, nn.Linear):
         return LinearGeometry(module)
     if Conv1D is not None and isinstance(module, Conv1D):

@@ -33,7 +33,7 @@ def run_training(
     targets: list[str] | None, steps: int, lr: float, batch_size: int, seed: int, out: Path,
     max_train: int | None = None, max_eval: int | None = None, grad_accum: int = 1, max_length: int = 64,
     resume: bool = False, checkpoint_every: int = 0, save_weights: bool = True, progress: bool = True,
-    head_lr: float | None = None,
+    head_lr: float | None = None, bitnet: bool = False,
 ) -> dict:
     """What `paretune train` does, callable from Python: returns the metrics it wrote."""
     from safetensors.torch import save_file
@@ -69,7 +69,7 @@ def run_training(
         net, train_ds, eval_ds, tokenizer=tokenizer, method=method, options=options, targets=targets or None,
         steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, max_length=max_length,
         checkpoint_dir=str(out / "checkpoint") if checkpoint_every or resume else None,
-        checkpoint_every=checkpoint_every, resume=resume, progress=progress, head_lr=head_lr,
+        checkpoint_every=checkpoint_every, resume=resume, progress=progress, head_lr=head_lr, bitnet=bitnet,
     )
     net = result.model
     heads = head_modules(net) if kind == "classification" else []
@@ -97,9 +97,13 @@ def run_training(
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     if save_weights and main:  # under accelerate launch / torchrun only rank 0 writes
+        if bitnet:  # the trained ternary model: int8 codes in {-1, 0, 1} and a scale per matrix
+            from ..compress.bitnet import freeze_ternary, save_ternary
+
+            save_ternary(freeze_ternary(net), out / "bitnet")
         if method in all_methods():
             save(net, out / "adapter")
-        if method == "full":
+        if method == "full" and not bitnet:
             with atomic_dir(out / "model") as tmp:
                 net.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
@@ -134,6 +138,8 @@ def train_command(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save a resumable checkpoint every N steps"),
     resume: bool = typer.Option(False, help="resume from OUT/checkpoint if present"),
     no_save: bool = typer.Option(False, "--no-save", help="write metrics only, no weights"),
+    bitnet: bool = typer.Option(False, "--bitnet", help="train BitNet b1.58 layers (ternary weights, 8-bit activations) "
+                                "in place of every Linear but the head; writes OUT/bitnet (use with --method full)"),
     out: Path = typer.Option(..., "--out", help="output folder: adapter/, head/ or model/, and metrics.json"),
 ) -> None:
     """Fine-tune a model with one method and write the adapter and metrics.json."""
@@ -142,6 +148,7 @@ def train_command(
         targets=list(targets) or None, steps=steps, lr=lr, batch_size=batch_size, seed=seed, out=out,
         max_train=max_train, max_eval=max_eval, grad_accum=grad_accum, max_length=max_length, resume=resume,
         checkpoint_every=checkpoint_every, save_weights=not no_save, progress=sys.stderr.isatty(), head_lr=head_lr,
+        bitnet=bitnet,
     )
     name = metrics.get("metric")
     shown = f"{name}={metrics[name]:.4f}, " if name else ""

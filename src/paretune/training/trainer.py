@@ -207,6 +207,8 @@ def train(
     head_lr: float | None = None,
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     progress: bool = True,
+    bitnet: bool = False,
+    bitnet_targets=None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``train_data`` and evaluate on ``eval_data``.
 
@@ -218,6 +220,10 @@ def train(
     ``train_head="auto"`` also trains a classification head with any adapter method;
     ``head_lr`` gives the task head its own peak learning rate (default: ``lr``), so that runs
     of different methods can train their common head alike.
+    ``bitnet=True`` trains BitNet b1.58 layers (:func:`paretune.compress.bitnet.to_bitnet`: ternary
+    weights, 8-bit activations, straight-through gradients) in place of the Linears of
+    ``bitnet_targets`` (default every Linear but the output head), usually with ``method="full"`` as
+    the paper trains the whole model; :func:`paretune.compress.freeze_ternary` stores the result.
     Returns a :class:`TrainResult` whose ``metrics`` hold train_seconds, peak_memory_bytes,
     train_loss, eval_loss and the task metric.
     """
@@ -246,6 +252,10 @@ def train(
         model.config.label2id = {v: k for k, v in enumerate(labels)}
 
     torch.manual_seed(seed)  # the same adapter init on every process
+    if bitnet:
+        from ..compress.bitnet import prepare_bitnet_training
+
+        prepare_bitnet_training(model, bitnet_targets)
     _set_trainable(model, method, dict(options or {}), targets, name, train_ds.kind, train_head)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -1,8 +1,7 @@
-"""paretune.compress.prune: exact sparsities, Wanda's scores against a direct computation, masks
+"""paretune.compress.pruning: exact sparsities, Wanda's scores against a direct computation, masks
 that survive training and merging, and errors that leave the model untouched."""
 
 import copy
-import string
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import paretune
-from paretune.compress import prune as P
+from paretune.compress import pruning as P
+from compress_models import char_tokenizer
 from paretune.errors import ConfigError, ParetuneError
 
 
@@ -200,17 +200,6 @@ def test_masklora_hook_equals_merged_model():
 
 
 # -- PERP through the trainer, on a tiny Llama ------------------------------------------------
-def char_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 def tiny_llama(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
