@@ -1,6 +1,6 @@
 """Peak memory of the streaming whole-model merge (paretune.merging.merge_models) on SmolLM2-135M.
 
-    uv run python benchmarks/merge_memory.py                        # task_arithmetic and ties, one input
+    uv run python benchmarks/merge_memory.py                        # all six methods, one input
     uv run python benchmarks/merge_memory.py --methods ties,dare_ties --inputs 2
     uv run python benchmarks/merge_memory.py --work /tmp/mm --keep  # keep the checkpoints for a rerun
 
@@ -139,7 +139,7 @@ DEFAULT_PARAMS = {"task_arithmetic": {}, "weighted_average": {}, "ties": {"densi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--methods", default=",".join(DEFAULT_PARAMS))
     ap.add_argument("--inputs", type=int, default=1, help="number of fine-tuned inputs")
     ap.add_argument("--work", default=None, help="folder for the checkpoints (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")

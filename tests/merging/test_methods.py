@@ -18,6 +18,7 @@ from paretune.merging import (
     ties,
     weighted_average,
 )
+from paretune.merging.blockwise import BLOCK_METHODS, dare_blocks, pcb_blocks, ties_blocks
 
 peft_merge = pytest.importorskip("peft.utils.merge_utils")
 
@@ -287,3 +288,115 @@ def test_embedding_sized_tensors_over_quantile_limit():
     out = pcb(tvs, ratio=0.1)
     assert out.shape == tvs[0].shape and torch.isfinite(out).all()
     assert 0.05 < (out != 0).float().mean().item() < 0.25
+
+
+# ------------------------------------------------------------------------------------------
+# block-wise forms: the whole-tensor functions above are the independent reference
+
+
+def _source(tvs: list[torch.Tensor], rows: int):
+    def blocks():
+        for a in range(0, tvs[0].shape[0], rows):
+            yield [t[a : a + rows] for t in tvs]
+
+    return blocks
+
+
+def _streamed(fn, tvs, rows, **kw) -> torch.Tensor:
+    parts = list(fn(_source(tvs, rows), numel=tvs[0].numel(), **kw))
+    assert len(parts) == -(-tvs[0].shape[0] // rows)
+    return torch.cat([p.reshape(-1) for p in parts]).reshape(tvs[0].shape)
+
+
+def _tied_tvs(dtype, shape=(23, 7)) -> list[torch.Tensor]:
+    """Random task vectors with many entries tied at the trim threshold, zeros and -0.0."""
+    tvs = _tvs(3, shape, seed=5, dtype=dtype)
+    tvs[0][2:12] = 0.75  # a run of equal magnitudes across several blocks
+    tvs[0][12:14] = -0.75
+    tvs[1] = tvs[1].round()  # few distinct values: ties at every cut
+    tvs[2][0] = -0.0
+    tvs[2][1] = 0.0
+    return tvs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [2, 23])
+def test_ties_blocks_identical_to_ties(dtype, rows):
+    tvs = _tied_tvs(dtype)
+    for density in (0.05, 0.2, 0.5, 1.0):
+        for ms in ("total", "frequency"):
+            want = ties(tvs, density=density, weights=WEIGHTS, majority_sign=ms)
+            got = _streamed(ties_blocks, tvs, rows, density=density, weights=WEIGHTS, majority_sign=ms)
+            assert got.dtype == want.dtype and torch.equal(got, want), (density, ms)
+    # the tie-break really splits a run of equal magnitudes: k lands inside the run of 0.75s
+    x = tvs[0].clamp(-0.5, 0.5)
+    x[2:12] = 0.75
+    x[12:14] = -0.75  # 84 entries tied at 0.75, all others smaller
+    k = 5 * 7
+    density = k / x.numel() + 1e-9
+    got = _streamed(ties_blocks, [x], rows, density=density)
+    assert int((got != 0).sum()) == k
+    assert torch.equal(got, ties([x], density=density))
+    assert torch.equal(got.reshape(-1).nonzero().reshape(-1), torch.arange(2 * 7, 2 * 7 + k))  # index order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dare_blocks_identical_to_dare_and_advance_the_generator(dtype):
+    tvs = _tvs(3, (19, 5), seed=2, dtype=dtype)
+    for combine in ("linear", "ties"):
+        for rows in (1, 4, 19):
+            want = dare(tvs, density=0.4, weights=WEIGHTS, combine=combine, seed=11)
+            got = _streamed(dare_blocks, tvs, rows, density=0.4, weights=WEIGHTS, combine=combine, seed=11)
+            assert torch.equal(got, want), (combine, rows)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    want = dare(tvs, density=0.5, generator=g1)
+    got = _streamed(dare_blocks, tvs, 2, density=0.5, generator=g2)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))  # left at the same state
+    torch.manual_seed(9)
+    want = dare(tvs, density=0.5)
+    torch.manual_seed(9)
+    assert torch.equal(_streamed(dare_blocks, tvs, 3, density=0.5), want)  # the global generator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [2, 29])
+def test_pcb_blocks_identical_to_pcb(dtype, rows):
+    tvs = _tvs(3, (29, 6), seed=4, dtype=dtype)
+    tvs[1][3:9] = 0.25  # ties at the clip bounds and the cut
+    tvs[2][0] = 0.0
+    for ratio, clip in ((0.1, 0.0), (0.1, 1e-4), (0.5, 0.1), (1.0, 0.45)):
+        want = pcb(tvs, ratio=ratio, clip=clip, weights=WEIGHTS)
+        got = _streamed(pcb_blocks, tvs, rows, ratio=ratio, clip=clip, weights=WEIGHTS)
+        assert torch.equal(got, want), (ratio, clip)
+
+
+def test_blocks_larger_than_one_block_float32():
+    # 1000 x 40 float32 in 250-row blocks: four blocks of 40 kB
+    tvs = _tvs(2, (1000, 40), seed=8, dtype=torch.float32)
+    tvs = [t * 1e-3 for t in tvs]
+    assert torch.equal(_streamed(ties_blocks, tvs, 250, density=0.2), ties(tvs, density=0.2))
+    assert torch.equal(_streamed(pcb_blocks, tvs, 250, ratio=0.1), pcb(tvs, ratio=0.1))
+    assert torch.equal(_streamed(dare_blocks, tvs, 250, density=0.5, combine="ties", seed=0),
+                       dare(tvs, density=0.5, combine="ties", seed=0))
+
+
+def test_block_methods_registry_and_errors():
+    assert set(BLOCK_METHODS) == set(METHODS) - {"task_arithmetic", "weighted_average"}
+    tvs = _tvs(2, (6, 3))
+    got = torch.cat(list(BLOCK_METHODS["dare_ties"](_source(tvs, 2), numel=18, density=0.5, seed=1)))
+    assert torch.equal(got, dare(tvs, density=0.5, combine="ties", seed=1).reshape(-1, 3))
+    with pytest.raises(ConfigError, match="numel"):
+        list(ties_blocks(_source(tvs, 2), numel=17))
+    with pytest.raises(ConfigError, match="no blocks"):
+        list(pcb_blocks(lambda: iter([]), numel=0))
+    with pytest.raises(ConfigError, match="NaN"):
+        bad = [tvs[0], tvs[1].clone()]
+        bad[1][5, 0] = float("inf")
+        list(ties_blocks(_source(bad, 2), numel=18))
+    with pytest.raises(ConfigError, match="source"):
+        list(ties_blocks(None, numel=18))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="density"):
+        list(dare_blocks(_source(tvs, 2), numel=18, density=0.0))
+    with pytest.raises(ConfigError, match="clip"):
+        list(pcb_blocks(_source(tvs, 2), numel=18, clip=0.6))

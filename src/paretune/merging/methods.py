@@ -23,6 +23,9 @@ Choices that hold for every function:
   ``torch.quantile`` (which refuses tensors over 16M entries, e.g. a 49152 x 576 embedding).
   Peak extra memory is a few copies of one task vector in the working dtype; nothing stacks all
   tasks into one ``n x d`` tensor, except that TIES and DARE keep the n trimmed task vectors.
+* :func:`ties_blocks`, :func:`dare_blocks` and :func:`pcb_blocks` compute the same results over a
+  tensor given in row blocks (their whole-tensor statistics in passes over the blocks), for merges
+  that must not hold a whole tensor; :data:`BLOCK_METHODS` maps method names to them.
 """
 
 from __future__ import annotations
@@ -329,7 +332,8 @@ def dare(
     ``seed``, else from torch's global generator (then ``torch.manual_seed`` makes it
     reproducible, and the result equals PEFT's after the same ``torch.manual_seed``). Draws
     depend on the device and, for half-precision inputs, not on their dtype (masks are drawn in
-    float32). ``density=1`` drops nothing and draws nothing.
+    float32). ``density=1`` drops nothing and draws nothing. :func:`dare_blocks` draws the same
+    masks for a tensor given in row blocks.
 
     Args:
         tvs: one task vector per task, all of one shape and dtype.
@@ -349,24 +353,7 @@ def dare(
     _check_majority(majority_sign, "dare")
     if combine not in DARE_COMBINE:
         raise ConfigError(f"dare: combine must be 'linear' or 'ties', got {combine!r}.")
-    device = tvs[0].device
-    if generator is not None and seed is not None:
-        raise ConfigError("dare: give either generator or seed, not both.")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise ConfigError(
-                f"dare: generator must be a torch.Generator, got {type(generator).__name__}."
-            )
-        if generator.device.type != device.type:
-            raise ConfigError(
-                f"dare: the generator is on {generator.device} but the task vectors are on "
-                f"{device}; create it with torch.Generator(device={str(device)!r})."
-            )
-    elif seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"dare: seed must be an integer, got {seed!r}.")
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    generator = _dare_generator(generator, seed, tvs[0].device)
     dtype = tvs[0].dtype
     work = _work_dtype(dtype)
     dropped = []
@@ -384,11 +371,47 @@ def dare(
     return _elect_and_merge(dropped, w, majority_sign).to(dtype)
 
 
+def _dare_generator(
+    generator: torch.Generator | None, seed: int | None, device: torch.device
+) -> torch.Generator | None:
+    """The generator DARE draws from: ``generator``, a fresh one seeded with ``seed``, or None
+    (torch's global generator)."""
+    if generator is not None and seed is not None:
+        raise ConfigError("dare: give either generator or seed, not both.")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ConfigError(
+                f"dare: generator must be a torch.Generator, got {type(generator).__name__}."
+            )
+        if generator.device.type != device.type:
+            raise ConfigError(
+                f"dare: the generator is on {generator.device} but the task vectors are on "
+                f"{device}; create it with torch.Generator(device={str(device)!r})."
+            )
+    elif seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"dare: seed must be an integer, got {seed!r}.")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    return generator
+
+
 def _minmax(x: Tensor) -> Tensor:
     lo, hi = x.min(), x.max()
     if not bool(hi > lo):
         return torch.zeros_like(x)
     return (x - lo) / (hi - lo)
+
+
+def _check_pcb_options(ratio: float, clip: float) -> tuple[float, float]:
+    ratio = _check_fraction(ratio, "ratio", "pcb")
+    try:
+        clip = float(clip)
+    except (TypeError, ValueError):
+        raise ConfigError(f"pcb: clip must be a number in [0, 0.5), got {clip!r}.") from None
+    if not (0.0 <= clip < 0.5):
+        raise ConfigError(f"pcb: clip must be in [0, 0.5), got {clip!r}.")
+    return ratio, clip
 
 
 def pcb(
@@ -438,13 +461,7 @@ def pcb(
     """
     tvs = _check_tvs(tvs, "pcb")
     w = _check_weights(weights, len(tvs), "pcb")
-    ratio = _check_fraction(ratio, "ratio", "pcb")
-    try:
-        clip = float(clip)
-    except (TypeError, ValueError):
-        raise ConfigError(f"pcb: clip must be a number in [0, 0.5), got {clip!r}.") from None
-    if not (0.0 <= clip < 0.5):
-        raise ConfigError(f"pcb: clip must be in [0, 0.5), got {clip!r}.")
+    ratio, clip = _check_pcb_options(ratio, clip)
     dtype, shape = tvs[0].dtype, tvs[0].shape
     work = _work_dtype(dtype)
     n, d = len(tvs), tvs[0].numel()

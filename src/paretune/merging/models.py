@@ -15,10 +15,14 @@ in the resident set size once touched and stay there while the map is open, so a
 reader's RSS grows towards the size of every file it reads. The output is planned in advance
 (every tensor's name, shape and dtype are known from the base's headers), so each shard's
 safetensors header is written first and every merged tensor is written to disk as soon as it is
-computed: nothing accumulates in memory. Peak memory is therefore set by the largest tensor
-(about n + 2 copies of it in float32 for n inputs, plus the method's temporaries); for
-``task_arithmetic`` and ``weighted_average``, which act entry by entry, big tensors are further
-processed in row blocks of at most ``chunk_bytes`` per input, which gives bit-identical results.
+computed: nothing accumulates in memory. Every float tensor is merged in row blocks of at most
+``chunk_bytes`` per input (one block for a tensor that fits): ``task_arithmetic`` and
+``weighted_average`` act entry by entry and are called on each block; ``ties``, ``dare_*`` and
+``pcb`` go through their block-wise forms (:data:`paretune.merging.methods.BLOCK_METHODS`), which
+compute the whole-tensor statistics they need (top-k cut-offs, clip bounds, minima and maxima) in
+passes over the blocks, reading the inputs again for each pass, and then merge block by block.
+Peak memory is therefore a few blocks whatever the tensor's size, and the results are identical
+to the whole-tensor methods'.
 
 Atomicity. The output folder is written in a temporary folder beside it (``.<name>.tmp-XXXXXX``
 in the output's parent folder, see :func:`paretune.core.atomic.atomic_dir`) and renamed at the
@@ -33,7 +37,9 @@ result is cast to ``dtype`` (default: the base tensor's dtype); non-float tensor
 ``include`` / ``exclude`` leave out are copied from the base (cast to ``dtype`` when they are
 float); DARE's random drop of tensor NAME uses a ``torch.Generator`` seeded with
 :func:`tensor_seed` ``(seed, NAME)``, so a merge is reproducible and independent of the order of
-tensors and of sharding.
+tensors, of sharding and of ``chunk_bytes``: the masks are those :func:`~paretune.merging.methods.dare`
+draws on the whole tensor (see :func:`~paretune.merging.methods.dare_blocks`), so
+:func:`merge_state_dicts` gives the same result.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "paretune_merge.json"
 PID_FILE = ".paretune-merge-pid"
 DEFAULT_SHARD_BYTES = 2**30  # 1 GiB per output shard
-DEFAULT_CHUNK_BYTES = 2**22  # 4 MiB per input per block for entry-wise methods (larger blocks: glibc keeps freed ones)
-# methods whose result at an entry depends only on the inputs at that entry (deterministically)
+DEFAULT_CHUNK_BYTES = 2**22  # 4 MiB per input per row block (larger blocks: glibc keeps freed ones)
+# methods whose result at an entry depends only on the inputs at that entry (deterministically): called
+# on each row block; the methods in methods.BLOCK_METHODS stream through their block-wise forms
 ENTRYWISE = frozenset({"task_arithmetic", "weighted_average"})
 # per-input options (a list with one value per input is passed to the method)
 PER_INPUT = ("weight", "density")
@@ -363,6 +370,12 @@ def _methods() -> dict[str, Callable]:
     from .methods import METHODS
 
     return METHODS
+
+
+def _block_methods() -> dict[str, Callable]:
+    from .blockwise import BLOCK_METHODS
+
+    return BLOCK_METHODS
 
 
 def method_function(method: str) -> Callable:
@@ -670,8 +683,8 @@ def merge_models(
                     if not (b.entry(name).dtype.is_floating_point and selected(name)):
                         writer.write(name, b.read(name).to(dt))
                     else:
-                        _merge_one(name, dt, b, models, fn, weights, params, lam, seed if random else None,
-                                   entrywise=method in ENTRYWISE, chunk_bytes=chunk_bytes, writer=writer)
+                        _merge_one(name, dt, b, models, method, fn, weights, params, lam,
+                                   seed if random else None, chunk_bytes=chunk_bytes, writer=writer)
                     bar.update(1)
                 writer.finish()
             finally:
@@ -697,41 +710,58 @@ def _bar(total: int, progress: bool, method: str):
     return tqdm(total=total, unit="tensor", desc=f"merge {method}", disable=not progress, file=sys.stderr)
 
 
-def _merge_one(name: str, dt: torch.dtype, base: Checkpoint, models: list[Checkpoint], fn: Callable,
-               weights: list[float] | None, params: dict, lam: float, seed: int | None, *, entrywise: bool,
-               chunk_bytes: int, writer: ShardedWriter) -> None:
-    shape = base.entry(name).shape
-    if entrywise and len(shape) >= 1 and shape[0] > 1:
+def _row_blocks(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int] | None]:
+    """Row ranges of at most ``chunk_bytes`` of float32 each (at least one row), or [None] for the
+    whole tensor (a scalar, a single row, or a tensor that fits in one block)."""
+    if len(shape) >= 1 and shape[0] > 1:
         row = max(1, math.prod(shape[1:])) * 4
         step = max(1, chunk_bytes // row)
     else:
         step = shape[0] if shape else 1
     if not shape or step >= shape[0]:
-        blocks = [None]
-    else:
-        blocks = [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
-    for k, rows in enumerate(blocks):
-        b = base.read(name, rows).float()
-        taus = []
-        for c in models:
-            x = c.read(name, rows)
-            x = x.sub_(b) if x.dtype == torch.float32 else x.float().sub_(b)
-            taus.append(x)
-        del b  # read again below: the method's temporaries then need one copy less
-        kwargs = dict(params)
-        if seed is not None:
-            kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed, name))
-        try:
-            merged = fn(taus, weights=weights, **kwargs)
-        except ConfigError as e:
-            raise ConfigError(f"tensor {name!r}: {e}") from None
-        del taus
-        merged = merged.float()  # a float32 result is used (and changed) in place
-        if lam != 1.0:
-            merged.mul_(lam)
-        merged.add_(base.read(name, rows).float())
-        writer.write(name, merged.to(dt), last=k == len(blocks) - 1)
-        del merged
+        return [None]
+    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
+def _merge_one(name: str, dt: torch.dtype, base: Checkpoint, models: list[Checkpoint], method: str, fn: Callable,
+               weights: list[float] | None, params: dict, lam: float, seed: int | None, *,
+               chunk_bytes: int, writer: ShardedWriter) -> None:
+    shape = base.entry(name).shape
+    block_fn = _block_methods().get(method)
+    blocks = _row_blocks(shape, chunk_bytes) if (block_fn is not None or method in ENTRYWISE) else [None]
+
+    def source():
+        for rows in blocks:
+            b = base.read(name, rows).float()
+            taus = []
+            for c in models:
+                x = c.read(name, rows)
+                taus.append(x.sub_(b) if x.dtype == torch.float32 else x.float().sub_(b))
+            del b  # read again when the merged block is added: the method's temporaries need one copy less
+            yield taus
+            del taus
+
+    kwargs = dict(params)
+    if seed is not None:
+        kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed, name))
+    if block_fn is not None:
+        merged_blocks = block_fn(source, numel=math.prod(shape), weights=weights, **kwargs)
+    else:  # entry-wise methods block by block; any other on the whole tensor (one block)
+        merged_blocks = (fn(taus, weights=weights, **kwargs) for taus in source())
+    k = 0
+    try:
+        for rows, merged in zip(blocks, merged_blocks):
+            merged = merged.float()  # a float32 result is used (and changed) in place
+            if lam != 1.0:
+                merged.mul_(lam)
+            merged.add_(base.read(name, rows).float())
+            writer.write(name, merged.to(dt), last=k == len(blocks) - 1)
+            del merged
+            k += 1
+    except ConfigError as e:
+        raise ConfigError(f"tensor {name!r}: {e}") from None
+    if k != len(blocks):
+        raise RuntimeError(f"tensor {name}: the method yielded {k} of {len(blocks)} blocks")
 
 
 def _copy_side_files(base: Path, tok: Path, dest: Path, out_dtype: torch.dtype | None) -> None:
