@@ -156,3 +156,52 @@ def test_cli(models, tmp_path):
     res = runner.invoke(_app(), ["merge", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "did you mean 'ties'" in res.output
     assert not (tmp_path / "x").exists()
+
+
+# -- the same recipe through mergekit ------------------------------------------------------------
+MERGEKIT = {  # our method -> mergekit's method name and its extra parameters
+    "ties": ("ties", {"normalize": True, "int8_mask": False}),
+    "task_arithmetic": ("task_arithmetic", {"normalize": False}),
+    "weighted_average": ("linear", {"normalize": True}),
+}
+
+
+@pytest.mark.parametrize("method", list(MERGEKIT))
+def test_a_recipe_mergekit_expresses_gives_mergekits_tensors(tmp_path, method):
+    """Tiny Llama checkpoints (transformers folders), one recipe written for both tools: the merged
+    tensors are mergekit's (TIES with weights 1, where its weighting and PEFT's agree)."""
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    for name in ("a", "b"):
+        tuned = LlamaForCausalLM(cfg)
+        tuned.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        tuned.save_pretrained(tmp_path / name)
+    options = {"density": 0.3} if method == "ties" else {}
+    ours = run_recipe(parse_recipe({
+        "base": "base", "method": method, "parameters": options, "dtype": "float32",
+        "inputs": [{"model": "a", "weight": 1.0}, {"model": "b", "weight": 1.0}],
+    }, tmp_path), tmp_path / "ours", progress=False)
+    name, extra = MERGEKIT[method]
+    per_model = {"weight": 1.0, **options}
+    config = {"merge_method": name, "dtype": "float32", "parameters": extra,
+              "models": [{"model": str(tmp_path / n), "parameters": per_model} for n in ("a", "b")]}
+    if name != "linear":  # mergekit's linear averages the listed models themselves: base + mean(τ)
+        config["base_model"] = str(tmp_path / "base")
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+    got, want = load_file(str(Path(ours) / "model.safetensors")), load_file(str(tmp_path / "mergekit" / "model.safetensors"))
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
