@@ -34,7 +34,6 @@ store such a model as safetensors + JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -44,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.atomic import atomic_dir
 from ..errors import AdapterFileError, ConfigError, TargetError
+from .state_folder import load_unique_state, write_state_folder
 
 EPS = 1e-5
 Targets = Union[str, Sequence[str], None]
@@ -312,8 +311,6 @@ def save_ternary(model: nn.Module, path: str | os.PathLike) -> Path:
     their activation bits and norm flag) and ``model.safetensors`` (the whole state dict: int8
     codes, scales and every other tensor once; tied tensors are stored under their first name).
     The folder appears complete or not at all."""
-    from safetensors.torch import save_file
-
     layers = {n: {"act_bits": m.act_bits, "input_norm": m.input_norm, "eps": m.eps}
               for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
     if not layers:
@@ -321,13 +318,7 @@ def save_ternary(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ConfigError("save_ternary: the model still has BitLinear layers; call freeze_ternary(model) first.")
         raise ConfigError("save_ternary: the model has no ternary layer; convert it with to_bitnet, train, and "
                           "freeze_ternary first.")
-    tensors, aliases = unique_state(model)
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / "ternary.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, "layers": layers,
-                                                      "aliases": aliases}, indent=2))
-    return path
+    return write_state_folder(model, path, "ternary.json", {"format": FORMAT, "version": VERSION, "layers": layers})
 
 
 def load_ternary(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -359,44 +350,3 @@ def load_ternary(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                                               eps=opts["eps"]))
     load_unique_state(model, path / "model.safetensors", meta.get("aliases", {}))
     return model
-
-
-def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict with each storage once (safetensors refuses shared tensors) and a
-    map from each dropped name to the stored name that holds its tensor."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first: dict[tuple, str] = {}
-    for name, t in model.state_dict(keep_vars=False).items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-               t.dtype)
-        if t.numel() and key in first:
-            aliases[name] = first[key]
-            continue
-        first[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    return tensors, aliases
-
-
-def load_unique_state(model: nn.Module, file: Path, aliases: dict[str, str]) -> None:
-    """Copy a :func:`unique_state` file into ``model``; every tensor must be present with its shape."""
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise AdapterFileError(f"{file} is missing; the folder is incomplete. Save the model again.")
-    try:
-        stored = load_file(str(file))
-    except Exception as e:
-        raise AdapterFileError(f"{file} could not be read ({e}); the file is corrupt. Save the model again.") from None
-    state = model.state_dict(keep_vars=True)
-    for name, t in state.items():
-        src = stored.get(name, stored.get(aliases.get(name, ""), None))
-        if src is None:
-            raise AdapterFileError(f"{file} has no tensor for {name}; it was saved from another architecture.")
-        if tuple(src.shape) != tuple(t.shape):
-            raise AdapterFileError(f"{file}: {name} has shape {tuple(src.shape)} in the file but {tuple(t.shape)} "
-                                   "in the model; load it into the architecture it was saved from.")
-    with torch.no_grad():
-        for name, t in state.items():
-            src = stored.get(name, stored.get(aliases.get(name, ""), None))
-            t.copy_(src.to(t.dtype))

@@ -37,7 +37,6 @@ SmolLM2, Mistral, Qwen2, ...), all layers of one attention type.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.atomic import atomic_dir
+from .state_folder import load_unique_state, write_state_folder
 from ..errors import AdapterFileError, ConfigError
 
 FORMAT = "paretune-recursive"
@@ -243,24 +242,14 @@ def save_recursive(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a recursive model to the folder ``path``: ``recursive.json`` (number of blocks and
     layers, init, LoRA rank) and ``model.safetensors`` (every tensor once: the shared blocks,
     the per-depth factors and the rest of the model). The folder appears complete or not at all."""
-    from safetensors.torch import save_file
-
-    from .bitnet import unique_state
-
     if not is_recursive(model):
         raise ConfigError("save_recursive: the model is not recursive; call make_recursive first.")
     info = getattr(model.config, "paretune_recursive", None)
     if not info:
         raise ConfigError("save_recursive: the model's config lacks its recursive settings; build it with "
                           "make_recursive.")
-    tensors, aliases = unique_state(model)
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / "recursive.json").write_text(json.dumps({
-            "format": FORMAT, "version": VERSION, "num_layers": len(_layers(model)), **info, "aliases": aliases,
-        }, indent=2))
-    return path
+    return write_state_folder(model, path, "recursive.json",
+                              {"format": FORMAT, "version": VERSION, "num_layers": len(_layers(model)), **info})
 
 
 def load_recursive(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -268,8 +257,6 @@ def load_recursive(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     recursive) model of the same architecture: it is made recursive with the saved settings
     (no SVD is computed) and every tensor is read from the file. Returns the model."""
     from ..core.jsonfile import read_json
-    from .bitnet import load_unique_state
-
     path = Path(path)
     meta = read_json(path / "recursive.json", what="recursive model description", error=AdapterFileError,
                      hint="Save the model with paretune.compress.recursive.save_recursive.")

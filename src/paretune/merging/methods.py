@@ -23,9 +23,10 @@ Choices that hold for every function:
   ``torch.quantile`` (which refuses tensors over 16M entries, e.g. a 49152 x 576 embedding).
   Peak extra memory is a few copies of one task vector in the working dtype; nothing stacks all
   tasks into one ``n x d`` tensor, except that TIES and DARE keep the n trimmed task vectors.
-* :func:`ties_blocks`, :func:`dare_blocks` and :func:`pcb_blocks` compute the same results over a
-  tensor given in row blocks (their whole-tensor statistics in passes over the blocks), for merges
-  that must not hold a whole tensor; :data:`BLOCK_METHODS` maps method names to them.
+* :mod:`paretune.merging.blockwise` (``ties_blocks``, ``dare_blocks``, ``pcb_blocks``) computes
+  the same results over a tensor given in row blocks (their whole-tensor statistics in passes over
+  the blocks), for merges that must not hold a whole tensor; its ``BLOCK_METHODS`` maps method
+  names to them.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ def dare(
     ``seed``, else from torch's global generator (then ``torch.manual_seed`` makes it
     reproducible, and the result equals PEFT's after the same ``torch.manual_seed``). Draws
     depend on the device and, for half-precision inputs, not on their dtype (masks are drawn in
-    float32). ``density=1`` drops nothing and draws nothing. :func:`dare_blocks` draws the same
+    float32). ``density=1`` drops nothing and draws nothing. :func:`paretune.merging.blockwise.dare_blocks` draws the same
     masks for a tensor given in row blocks.
 
     Args:
