@@ -2,11 +2,13 @@
 
     paretune methods [--options]     every method, its summary and trainable-parameter formula
     paretune models                  the bundled real models and whether they are installed
-    paretune info DIR [--json]       what an adapter folder (paretune or PEFT LoRA) holds
+    paretune info DIR [--json]       what an adapter folder (paretune or PEFT LoRA) or compressed model holds
     paretune train ...               fine-tune a model with one method (paretune.training.cli)
     paretune bench ...               sweeps and Pareto reports (paretune.bench.cli)
     paretune intrinsic-dim ...       d90 of a model on a task by subspace training (paretune.measure.cli)
     paretune merge RECIPE --out DIR  merge fine-tuned models with a YAML recipe (paretune.merging.cli)
+    paretune compress --model M --out DIR [--quantize BITS] [--prune S] ...
+                                     prune and/or quantise a model into a folder (paretune.compress.cli)
     paretune --version
 
 Bad input (a :class:`paretune.errors.ParetuneError`) prints ``error: ...`` to stderr and exits
@@ -267,13 +269,30 @@ def _compressed_info(path: Path, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    settings = "; ".join(f"{s['bits']}-bit, group {s['group_size']}, axis {s['axis']}" for s in info["settings"])
-    packed, dense = info["quantized_weight_bytes"], info["float_weight_bytes"]
     typer.echo(f"model:       {info['path']} (paretune compressed, {info.get('model_class') or 'unknown class'})")
-    typer.echo(f"quantised:   {info['quantized_modules']} modules: {settings}")
-    typer.echo(f"bytes:       {packed:,} packed ({human_bytes(packed)}) for {dense:,} as float "
-               f"({human_bytes(dense)}): {packed / max(dense, 1):.1%}")
-    typer.echo("float copy:  " + ("model.safetensors (transformers reads it)" if info["dequantized_copy"] else "none"))
+    if info["quantized_modules"]:
+        settings = "; ".join(f"{s['bits']}-bit, group {s['group_size']}, axis {s['axis']}" for s in info["settings"])
+        packed, dense = info["quantized_weight_bytes"], info["float_weight_bytes"]
+        typer.echo(f"quantised:   {info['quantized_modules']} modules: {settings}")
+        typer.echo(f"bytes:       {packed:,} packed ({human_bytes(packed)}) for {dense:,} as float "
+                   f"({human_bytes(dense)}): {packed / max(dense, 1):.1%}")
+    else:
+        typer.echo("quantised:   none (float weights)")
+    if info["pruned_modules"]:
+        typer.echo(f"pruned:      {info['pruned_modules']} modules: {info['pruned_weights']:,} of "
+                   f"{info['pruned_layer_weights']:,} weights, sparsity {info['sparsity']:.1%} of the pruned layers")
+        typer.echo(f"storage:     dense storage; {info['stored_zeros']:,} zeros (pruned weights take their full room; "
+                   "masks at 1 bit per weight)")
+    else:
+        typer.echo("pruned:      none")
+    typer.echo("files:       " + "; ".join(f"{n} {b:,} bytes ({human_bytes(b)})" for n, b in info["files"].items()))
+    if info["dequantized_copy"]:
+        copy_text = "model.safetensors, dequantised (transformers reads it)"
+    elif info["float_copy"]:
+        copy_text = "model.safetensors, the pruned float weights (transformers reads it)"
+    else:
+        copy_text = "none"
+    typer.echo("float copy:  " + copy_text)
 
 
 # -- paretune train / paretune bench (built in their own packages) ----------------------------
@@ -315,6 +334,7 @@ _register_external("train", "training.cli", "train_command")
 _register_external("bench", "bench.cli", "bench_command")
 _register_external("intrinsic-dim", "measure.cli", "intrinsic_dim_command")
 _register_external("merge", "merging.cli", "merge_command")
+_register_external("compress", "compress.cli", "compress_command")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

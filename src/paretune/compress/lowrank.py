@@ -167,20 +167,27 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: in
     ``attention_mask``: padded positions are left out of the loss). ``feature_layers``: indices
     into the models' ``hidden_states`` (0 = embeddings, −1 = last), default the last one; ``[]``
     turns the feature term off. ``train="factors"`` trains the LowRankLinear weights only,
-    ``"all"`` every student parameter. AdamW at constant ``lr``, gradients clipped to
+    ``"all"`` every student parameter, ``"trainable"`` the parameters that already require a
+    gradient (e.g. an adapter added with :func:`paretune.adapt`, which freezes the base). AdamW at constant ``lr``, gradients clipped to
     ``max_grad_norm``. Returns the loss per step; the student is left in eval mode."""
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"distill: steps={steps!r} must be an integer ≥ 1.")
     if not lr > 0:
         raise ConfigError(f"distill: lr={lr!r} must be positive (e.g. 1e-4).")
-    if train not in ("factors", "all"):
-        raise ConfigError(f"distill: train={train!r}; give 'factors' (the low-rank layers) or 'all'.")
+    if train not in ("factors", "all", "trainable"):
+        raise ConfigError(f"distill: train={train!r}; give 'factors' (the low-rank layers), 'all', or 'trainable' "
+                          "(the parameters that require a gradient now).")
     layers = [-1] if feature_layers is None else list(feature_layers)
     if train == "factors":
         params = [p for m in student.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
         if not params:
             raise ConfigError("distill: the student has no LowRankLinear layer; call factorize first, or pass "
                               "train='all'.")
+    elif train == "trainable":
+        params = [p for p in student.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("distill: train='trainable' but no student parameter requires a gradient; add an "
+                              "adapter (paretune.adapt) or set requires_grad on the parameters to train.")
     else:
         params = list(student.parameters())
     for p in student.parameters():

@@ -149,13 +149,17 @@ def apply_masks(model: nn.Module) -> int:
     ``on_step=lambda step, model, optimizer: apply_masks(model)``."""
     found = _masked_modules(model)
     for _, m in found:
+        if "weight" not in m._parameters:  # a QuantizedLinear applies its mask when it dequantises
+            continue
         m.weight.mul_(m._buffers[MASK].to(m.weight.dtype))
         setattr(m, _VERSION, m.weight._version)
     return len(found)
 
 
 def remove_masks(model: nn.Module) -> int:
-    """Drop every prune mask and its hook; the weights keep their zeros. Returns the count."""
+    """Drop every prune mask and its hook; the weights keep their zeros. Returns the count. A
+    quantised layer's pruned positions get their round-to-nearest values back (its codes were
+    never zero there)."""
     found = _masked_modules(model)
     for _, m in found:
         handle = getattr(m, _HOOK, None)
@@ -179,7 +183,7 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     for name, m in _masked_modules(model):
         mask = m._buffers[MASK]
         n, z = mask.numel(), int((~mask).sum())
-        layers[name] = {"shape": list(m.weight.shape), "weights": n, "pruned": z, "sparsity": z / n}
+        layers[name] = {"shape": list(mask.shape), "weights": n, "pruned": z, "sparsity": z / n}
     total = sum(v["weights"] for v in layers.values())
     pruned = sum(v["pruned"] for v in layers.values())
     params = _n_params(model)
@@ -274,9 +278,17 @@ def prune(
     ``model_params``, ``params_remaining``, ``fraction_remaining``, ``seconds``.
 
     Every check and every score is computed before the first weight changes, so an error leaves
-    the model as it was.
+    the model as it was. A model with quantised layers is pruned by
+    :func:`paretune.compress.storage.prune_quantized` (scores on the dequantised weights; each
+    mask kept on its QuantizedLinear).
     """
     _check(sparsity, method)
+    from .quantize import is_quantized
+
+    if is_quantized(model):
+        from .storage import prune_quantized
+
+        return prune_quantized(model, sparsity, method, targets=targets, calibration=calibration, progress=progress)
     if method == "wanda" and calibration is None:
         raise ConfigError("wanda needs calibration data: pass calibration=[batch, ...] (a few hundred "
                           "sequences of model inputs; the paper uses 128 x 2,048 tokens).")

@@ -22,6 +22,7 @@ except Exception:  # pragma: no cover - transformers is a hard dependency
     Conv1D = None
 
 Targets = Union[str, Sequence[str], None]
+PRUNE_MASK = "prune_mask"  # the buffer paretune.compress.pruning keeps on a pruned module
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -128,7 +129,12 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int | None = 128, axis
     Every check runs, and every layer is quantised, before the first one is swapped in: on any
     error the model is left as it was. Refused: bits or axis not offered, a group size that does not
     divide, targets matching nothing, a model already quantised or carrying adapters (quantise the
-    base first, then add adapters), tied weights, weights beyond the float16 range."""
+    base first, then add adapters), tied weights, weights beyond the float16 range.
+
+    A pruned layer (a ``prune_mask`` from :func:`paretune.compress.prune`) is quantised with its
+    pruned weights at zero and keeps its mask on the QuantizedLinear (a Conv1D's (in, out) mask
+    turned to (out, in)), which zeroes the pruned positions of the dequantised weight exactly:
+    round-to-nearest with a zero point alone would not give exact zeros."""
     check_bits(bits)
     check_axis(axis)
     check_group_size(group_size)
@@ -158,10 +164,17 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int | None = 128, axis
     built: list[tuple[str, QuantizedLinear]] = []
     for name in tqdm(names, desc=f"quantize {bits}-bit", unit="layer", disable=not progress, leave=False):
         module = model.get_submodule(name)
+        mask = module._buffers.get(PRUNE_MASK)
+        if mask is not None:
+            with torch.no_grad():  # the pruned weights are zero in every forward already; make them so in storage
+                module.weight.mul_(mask.to(module.weight.dtype))
         try:
             q = QuantizedLinear.from_module(module, bits=bits, group_size=group_size, axis=axis)
         except ParetuneError as e:
             raise type(e)(f"quantize: {name}: {e}") from None
+        if mask is not None:
+            q.register_buffer(PRUNE_MASK, (mask if isinstance(module, nn.Linear) else mask.T).contiguous(),
+                              persistent=False)
         q.train(module.training)
         built.append((name, q))
     for name, q in built:  # nothing above changed the model; swapping cannot fail

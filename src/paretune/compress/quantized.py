@@ -289,8 +289,12 @@ class QuantizedLinear(nn.Module):
         return unpack(self.packed, self.bits, self.in_features * self.out_features).view(rows, -1)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Ŵ (out, in) = q·s + z per group, in ``dtype`` (default: the original weight's)."""
-        return dequantize(self.codes(), self.scales, self.zeros, self.axis, dtype or self.dtype)
+        """Ŵ (out, in) = q·s + z per group, in ``dtype`` (default: the original weight's). A pruned
+        layer (a boolean ``prune_mask`` buffer of shape (out, in), True = kept, which
+        :mod:`paretune.compress.storage` installs) gets exact zeros where the mask is False."""
+        w = dequantize(self.codes(), self.scales, self.zeros, self.axis, dtype or self.dtype)
+        mask = self._buffers.get("prune_mask")
+        return w if mask is None else w.masked_fill(~mask.to(w.device), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(), self.bias)
