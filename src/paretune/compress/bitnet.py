@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError, TargetError
-from .state_folder import load_unique_state, write_state_folder
+from .state_folder import load_unique_state, saved_linear, write_state_folder
 
 EPS = 1e-5
 Targets = Union[str, Sequence[str], None]
@@ -335,14 +335,7 @@ def load_ternary(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise AdapterFileError(f"{path / 'ternary.json'} is not a ternary model description (format "
                                f"{meta.get('format')!r}); save one with paretune.compress.bitnet.save_ternary.")
     for name, opts in meta["layers"].items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterFileError(f"{path}: module {name} of the saved model is not in this model; load it into "
-                                   "the architecture it was saved from.") from None
-        if not _is_linear(base):
-            raise AdapterFileError(f"{path}: module {name} is a {type(base).__name__} here, not a Linear layer; "
-                                   "load the file into the unconverted base model.")
+        base = saved_linear(model, name, path, _is_linear)
         w, b = _weight_and_bias(base)
         set_module(model, name, TernaryLinear(torch.zeros(w.shape, dtype=torch.int8, device=w.device),
                                               torch.zeros((), dtype=w.dtype, device=w.device), b,

@@ -17,6 +17,20 @@ from ..errors import AdapterFileError
 WEIGHTS = "model.safetensors"
 
 
+def saved_linear(model: nn.Module, name: str, path: Path, is_linear) -> nn.Module:
+    """The float Linear ``name`` of ``model`` that a saved folder at ``path`` replaces; an
+    AdapterFileError when the model has no such module or it is not a Linear (``is_linear``)."""
+    try:
+        base = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterFileError(f"{path}: module {name} of the saved model is not in this model; load it into "
+                               "the architecture it was saved from.") from None
+    if not is_linear(base):
+        raise AdapterFileError(f"{path}: module {name} is a {type(base).__name__} here, not a Linear layer; load "
+                               "the folder into the unconverted float model.")
+    return base
+
+
 def write_state_folder(model: nn.Module, path: str | os.PathLike, meta_file: str, meta: dict) -> Path:
     """Write ``model``'s state (:func:`unique_state`) as ``model.safetensors`` and ``meta`` plus the
     tensor aliases as ``meta_file`` into the folder ``path``, which appears complete or not at all."""
