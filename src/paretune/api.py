@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .core import quant, registry
-from .core.geometry import QuantizedLinearGeometry
+from .core.geometry import QuantizedLinearGeometry, one_quantized_merge_warning
 from .core.host import Host
 from .core.inject import Targets, hosts, match_targets, unwrap, wrap
 from .core.serving import SamplePlan
@@ -205,8 +205,9 @@ def merge(model: nn.Module, name: str = "default") -> nn.Module:
     if st.weight(name) != 1.0:
         raise ParetuneError(f"adapter {name!r} is active at weight {st.weight(name)}; merging folds in weight 1. "
                             "set_active it with weight 1 first.")
-    for host in _hosts_of(model, name):
-        host.merge(name)
+    with one_quantized_merge_warning(f"merging adapter {name!r} into"):
+        for host in _hosts_of(model, name):
+            host.merge(name)
     st.set_merged(name, True)
     _reroute(model)
     return model
@@ -227,8 +228,9 @@ def unmerge(model: nn.Module, name: str = "default") -> nn.Module:
                 f"adapter {name!r} was merged before {later}, and one of them changes W as a function of W "
                 f"(e.g. Hydra); unmerge {later[::-1]} first (last merged, first out)."
             )
-    for host in _hosts_of(model, name):
-        host.unmerge(name, last=host.merged == (name,))
+    with one_quantized_merge_warning(f"unmerging adapter {name!r} from"):
+        for host in _hosts_of(model, name):
+            host.unmerge(name, last=host.merged == (name,))
     st.set_merged(name, False)
     _reroute(model)
     return model

@@ -90,10 +90,18 @@ def test_merge_requantizes_and_warns_with_the_measured_error(bits):
     exact = host.base.dequantized_weight() + host.deltas["default"].delta_weight().detach()
     with torch.no_grad():
         adapted = model(IDS).logits
-    with pytest.warns(QuantizedMergeWarning, match=r"relative Frobenius error of ([0-9.e-]+)") as rec:
+    quantised_hosts = [n for n, m in model.named_modules() if n.endswith("q_proj") and isinstance(
+        getattr(m, "base", None), type(host.base))]
+    with pytest.warns(QuantizedMergeWarning, match=rf"merging adapter 'default' into {len(quantised_hosts)} quantised") as rec:
         paretune.merge(model)
     err = relative_error(host.base.dequantized_weight(), exact)
-    assert f"{err:.3g}" in str(rec[0].message)
+    # one summary warning for every quantised q_proj, each layer's measured error in it
+    summary = [w.message for w in rec if isinstance(w.message, QuantizedMergeWarning)]
+    assert len(summary) == 1
+    per_layer = {name: e for name, e, _ in summary[0].layers}
+    assert set(per_layer) == set(quantised_hosts) and "model.layers.0.self_attn.q_proj" in per_layer
+    assert per_layer["model.layers.0.self_attn.q_proj"] == pytest.approx(err, rel=1e-6)
+    assert f"{max(per_layer.values()):.3g}" in str(summary[0])
     assert 0 < err < {8: 0.01, 2: 0.5}[bits]
     # every entry within half a scale of W + ΔW
     s = host.base.scales.float().repeat_interleave(8, dim=1)

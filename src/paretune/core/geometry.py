@@ -17,6 +17,7 @@ A quantised Linear (packed k-bit codes) is read as kind "linear" through its deq
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -314,12 +315,13 @@ class QuantizedLinearGeometry(LinearGeometry):
     def _requantize(self, new: torch.Tensor, delta_norm: float, sign: float) -> None:
         err = self.base.set_weight(new)
         ref = float(torch.linalg.vector_norm(new.double())) or 1.0
-        warnings.warn(
+        layer = self.name or type(self.base).__name__
+        warnings.warn(QuantizedMergeWarning(
             f"{'merging into' if sign > 0 else 'unmerging from'} the {self.base.bits}-bit quantised layer "
-            f"{self.name or type(self.base).__name__}: the weight was dequantised, changed by ΔW "
+            f"{layer}: the weight was dequantised, changed by ΔW "
             f"(‖ΔW‖/‖W‖ = {delta_norm / ref:.3g}) and quantised again; the requantised weight differs from the exact "
             f"W {'+' if sign > 0 else '−'} ΔW by a relative Frobenius error of {err:.3g}.",
-            QuantizedMergeWarning, stacklevel=3)
+            layer=layer, error=err, delta=delta_norm / ref, bits=self.base.bits, merging=sign > 0), stacklevel=3)
 
     def add_to_weight(self, delta: torch.Tensor, sign: float = 1.0) -> None:
         with torch.no_grad():
@@ -338,7 +340,44 @@ class QuantizedLinearGeometry(LinearGeometry):
 
 
 class QuantizedMergeWarning(UserWarning):
-    """Merging into (or unmerging from) a quantised base layer added a requantisation error."""
+    """Merging into (or unmerging from) a quantised base layer added a requantisation error.
+    ``layer``, ``error`` (relative Frobenius error of the requantised weight against the exact sum),
+    ``delta`` (‖ΔW‖/‖W‖), ``bits`` and ``merging`` say which and how much; ``paretune.merge`` and
+    ``unmerge`` gather one warning per layer into a single summary of the same class (``layers``
+    then lists every layer's ``(name, error, delta)``)."""
+
+    def __init__(self, message: str, *, layer: str = "", error: float = 0.0, delta: float = 0.0, bits: int = 0,
+                 merging: bool = True, layers: list | None = None):
+        super().__init__(message)
+        self.layer, self.error, self.delta, self.bits, self.merging = layer, error, delta, bits, merging
+        self.layers = layers if layers is not None else [(layer, error, delta)]
+
+
+@contextlib.contextmanager
+def one_quantized_merge_warning(what: str):
+    """Around merging or unmerging an adapter on many layers: the per-layer
+    :class:`QuantizedMergeWarning` become one summary warning (how many quantised layers, the largest
+    and median error, the largest ‖ΔW‖/‖W‖); other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    found = [w.message for w in caught if isinstance(w.message, QuantizedMergeWarning)]
+    for w in caught:
+        if not isinstance(w.message, QuantizedMergeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not found:
+        return
+    rows = [row for m in found for row in m.layers]
+    errors = sorted(e for _, e, _ in rows)
+    worst = max(rows, key=lambda r: r[1])
+    bits = sorted({m.bits for m in found})
+    warnings.warn(QuantizedMergeWarning(
+        f"{what} {len(rows)} quantised layer(s) ({'/'.join(map(str, bits))}-bit): each weight was dequantised, changed "
+        f"by ΔW and quantised again. Relative Frobenius error of the requantised weights against the exact sums: "
+        f"largest {worst[1]:.3g} ({worst[0]}), median {errors[len(errors) // 2]:.3g}; largest ‖ΔW‖/‖W‖ "
+        f"{max(d for _, _, d in rows):.3g}. Keep the adapter unmerged to avoid this error.",
+        layer=worst[0], error=worst[1], delta=max(d for _, _, d in rows), bits=max(bits), merging=found[0].merging,
+        layers=rows), stacklevel=4)
 
 
 def _is_norm(module: nn.Module) -> bool:
