@@ -85,3 +85,29 @@ def fake_runner():
 @pytest.fixture
 def make_bert():
     return tiny_bert
+
+
+@pytest.fixture
+def route_runs(monkeypatch):
+    """``route_runs(runner)``: every sweep of the CLI goes to ``runner`` (never a real worker)."""
+    from paretune.bench import sweep
+
+    def use(runner):
+        real = sweep.run_sweep
+        monkeypatch.setattr(sweep, "run_sweep", lambda *a, runner=None, **k: real(*a, runner=use.runner, **k))
+        use.runner = runner
+        return runner
+    return use
+
+
+@pytest.fixture
+def app():
+    """A typer app whose only command is ``paretune bench``."""
+    import typer
+
+    from paretune.bench.cli import bench_command
+
+    a = typer.Typer()
+    a.command()(bench_command)
+    return a
+

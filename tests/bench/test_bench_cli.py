@@ -3,11 +3,10 @@
 import sqlite3
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from paretune.bench import sweep
-from paretune.bench.cli import bench_command, parse_seeds
+from paretune.bench.cli import parse_seeds
 from paretune.core import registry
 from paretune.errors import ParetuneError
 
@@ -15,17 +14,9 @@ cli = CliRunner()
 
 
 @pytest.fixture
-def app():
-    a = typer.Typer()
-    a.command()(bench_command)
-    return a
-
-
-@pytest.fixture
-def fake(monkeypatch, make_bert, fake_runner):
+def fake(monkeypatch, make_bert, fake_runner, route_runs):
     """Every run goes to a FakeRunner; budgets are matched on a tiny BERT (480 LoRA params per r)."""
-    runner = fake_runner(fail={"full"})
-    monkeypatch.setattr(sweep, "subprocess_runner", runner)
+    runner = route_runs(fake_runner(fail={"full"}))
     monkeypatch.setattr(sweep, "load_model_for", lambda model, kind: make_bert())
     monkeypatch.setitem(sweep.QUICK, "budgets", (960, 3840))  # r=2, r=8 on the tiny model
     return runner
@@ -46,8 +37,8 @@ def test_quick(app, fake, tmp_path):
     for c in fake.calls:
         text = " ".join(c)
         assert "--model minilm-l6 --task city-continent" in text
-        assert "--steps 150" in text and "--batch-size 32" in text and "--seed 0" in text
-        assert "--max-eval 2000" in text
+        assert "--steps 100" in text and "--batch-size 16" in text and "--seed 0" in text
+        assert "--max-eval 500" in text
         # the common classification head trains at the head baseline's rate in every run
         assert ("--head-lr" in text) == ("--method head" not in text)
     finished = len(fake.calls) - 1
@@ -101,8 +92,8 @@ def test_report_only_needs_a_store(app, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.stderr
 
 
-def test_interrupt_exits_130(app, monkeypatch, make_bert, fake_runner, tmp_path):
-    monkeypatch.setattr(sweep, "subprocess_runner", fake_runner(interrupt_at=2))
+def test_interrupt_exits_130(app, monkeypatch, make_bert, fake_runner, route_runs, tmp_path):
+    route_runs(fake_runner(interrupt_at=2))
     monkeypatch.setattr(sweep, "load_model_for", lambda model, kind: make_bert())
     monkeypatch.setitem(sweep.QUICK, "budgets", (960, 3840))
     res = cli.invoke(app, ["--quick", "--out", str(tmp_path)])

@@ -1,6 +1,6 @@
 """The results store: one SQLite file (``OUT/runs.sqlite``) holding every run of a bench.
 
-Schema (version 1, in ``PRAGMA user_version``)::
+Schema (version 2, in ``PRAGMA user_version``)::
 
     runs         one row per planned run
       id           INTEGER PRIMARY KEY
@@ -21,6 +21,11 @@ Schema (version 1, in ``PRAGMA user_version``)::
       started_at   TEXT                   ISO-8601 UTC
       finished_at  TEXT                   ISO-8601 UTC
       error        TEXT                   a failed run's message and stderr tail
+      phase        TEXT NOT NULL          final (a reported run) | search (a --tune lr search run,
+                                          scored on the validation split; version 2)
+      data         TEXT                   sha256 of the run's data files and split rule (user
+                                          data, or a search run's splits); NULL: the built-in
+                                          task's own split (version 2)
     configs      the method options of a run
       run_id       INTEGER REFERENCES runs(id) ON DELETE CASCADE
       key          TEXT                   option name (e.g. r)
@@ -35,6 +40,10 @@ Schema (version 1, in ``PRAGMA user_version``)::
     environment  where a run ran
       run_id       INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE
       python, torch, transformers, paretune, platform, cpu, gpu   TEXT
+
+Version 1 files (no ``phase`` / ``data``) are migrated in place when opened: the two columns
+are added (every existing run is ``final`` with ``data`` NULL) and ``user_version`` becomes 2, in
+one transaction; their run keys are unchanged, so they resume as before.
 
 Resuming: a run is identified by its key. Planning a run that is already ``finished`` leaves it
 alone; a run ``queued``, ``running`` (left so by an interrupted bench) or ``failed`` is run again.
@@ -56,7 +65,8 @@ from typing import Any, Iterator
 
 from ..errors import ParetuneError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+PHASES = ("final", "search")
 DB_NAME = "runs.sqlite"
 STATUSES = ("queued", "running", "finished", "failed")
 
@@ -78,7 +88,9 @@ CREATE TABLE IF NOT EXISTS runs (
     run_dir TEXT,
     started_at TEXT,
     finished_at TEXT,
-    error TEXT
+    error TEXT,
+    phase TEXT NOT NULL DEFAULT 'final' CHECK (phase IN ('final', 'search')),
+    data TEXT
 );
 CREATE TABLE IF NOT EXISTS configs (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -98,6 +110,11 @@ CREATE TABLE IF NOT EXISTS environment (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
+
+MIGRATE_1_TO_2 = (
+    "ALTER TABLE runs ADD COLUMN phase TEXT NOT NULL DEFAULT 'final' CHECK (phase IN ('final', 'search'))",
+    "ALTER TABLE runs ADD COLUMN data TEXT",
+)
 
 ENV_FIELDS = ("python", "torch", "transformers", "paretune", "platform", "cpu", "gpu")
 
@@ -149,10 +166,15 @@ class Store:
         self.conn.execute("PRAGMA foreign_keys = ON")
         try:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise ParetuneError(f"{path} has results schema version {version}; this paretune reads version "
-                                    f"{SCHEMA_VERSION}. Use another --out folder.")
+            if version not in (0, 1, SCHEMA_VERSION):
+                raise ParetuneError(f"{path} has results schema version {version}; this paretune reads versions "
+                                    f"1 to {SCHEMA_VERSION}. Use another --out folder.")
             with self.transaction():
+                if version == 1:
+                    cols = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+                    for statement, col in zip(MIGRATE_1_TO_2, ("phase", "data")):
+                        if col not in cols:
+                            self.conn.execute(statement)
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
@@ -192,10 +214,11 @@ class Store:
             if row is not None:
                 return row["id"], row["status"]
             cur = c.execute(
-                "INSERT INTO runs (key, status, model, task, method, budget, seed, steps, lr, batch_size, targets) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (key, status, model, task, method, budget, seed, steps, lr, batch_size, targets, "
+                "phase, data) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, spec.model, spec.task, spec.method, spec.budget, spec.seed, spec.steps, spec.lr,
-                 spec.batch_size, json.dumps(spec.targets) if spec.targets is not None else None),
+                 spec.batch_size, json.dumps(spec.targets) if spec.targets is not None else None,
+                 getattr(spec, "phase", "final"), getattr(spec, "data_id", None)),
             )
             run_id = cur.lastrowid
             c.executemany("INSERT INTO configs (run_id, key, value_json) VALUES (?, ?, ?)",
@@ -238,10 +261,12 @@ class Store:
                       (run_id, *(str(env.get(f, "")) for f in ENV_FIELDS)))
 
     # -- reading ----------------------------------------------------------------------------
-    def runs(self, status: str | None = None) -> list[dict[str, Any]]:
+    def runs(self, status: str | None = None, phase: str | None = None) -> list[dict[str, Any]]:
         """Every run as a dict: the runs row plus ``options`` (dict), ``metrics`` (dict) and
-        ``environment`` (dict or None), in id order."""
-        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+        ``environment`` (dict or None), in id order; only those of ``status`` / ``phase`` when given."""
+        conds = [(c, v) for c, v in (("status = ?", status), ("phase = ?", phase)) if v]
+        where = ("WHERE " + " AND ".join(c for c, _ in conds)) if conds else ""
+        args = tuple(v for _, v in conds)
         rows = [dict(r) for r in self.conn.execute(f"SELECT * FROM runs {where} ORDER BY id", args)]
         for r in rows:
             r["targets"] = json.loads(r["targets"]) if r["targets"] else None

@@ -61,6 +61,9 @@ def run_training(
             raise ParetuneError("--model is required with --data.")
     train_ds, eval_ds = train_ds.head(max_train), eval_ds.head(max_eval) if eval_ds is not None else None
     kind = train_ds.kind
+    import torch
+
+    torch.manual_seed(seed)  # seeded before the model loads: a new classification head depends on the seed alone
     net, tokenizer = models.load(
         model, task="classification" if kind == "classification" else "causal-lm",
         num_labels=len(train_ds.labels()) if kind == "classification" else None,
