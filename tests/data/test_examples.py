@@ -51,3 +51,22 @@ def test_empty_missing_and_bad_files(tmp_path):
     bad.write_text('{"text": "a", "label": "b"}\n{oops\n')
     with pytest.raises(ParetuneError, match=r"b.jsonl:2"):
         load_data(bad)
+
+
+def test_an_empty_prompt_trains_the_whole_text_and_an_empty_completion_is_refused():
+    from paretune.training.batching import collate, encode
+
+    g = load_data([{"prompt": "", "completion": "plain text to model"}])
+    assert g.kind == "generation" and g.rows == [{"prompt": "", "completion": "plain text to model"}]
+
+    class Tok:  # one id per word; eos 1
+        eos_token_id, bos_token_id = 1, None
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[10 + len(w) for w in t.split()] for t in texts]}
+
+    enc = encode(g, Tok())
+    batch = collate(enc, [0], pad_id=0, device=__import__("torch").device("cpu"))
+    assert batch["labels"].tolist() == [[15, 14, 12, 15, 1]]  # every token of the text is a target
+    with pytest.raises(ParetuneError, match="lacks 'completion'"):
+        load_data([{"prompt": "q", "completion": ""}])

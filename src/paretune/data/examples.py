@@ -97,7 +97,9 @@ def load_data(source: Any, kind: str | None = None) -> Dataset:
     need = COLUMNS[kind]
     clean = []
     for i, row in enumerate(rows, 1):
-        missing = [c for c in need if c not in row or row[c] is None or str(row[c]) == ""]
+        # an empty prompt is allowed: the whole completion is then trained (plain language modelling)
+        missing = [c for c in need if c not in row or row[c] is None
+                   or (str(row[c]) == "" and (kind, c) != ("generation", "prompt"))]
         if missing:
             raise ParetuneError(f"{where}: row {i} lacks {', '.join(map(repr, missing))} (a {kind} row needs "
                                 f"{' and '.join(map(repr, need))}).")
