@@ -37,7 +37,7 @@ def test_quick(app, fake, tmp_path):
     for c in fake.calls:
         text = " ".join(c)
         assert "--model minilm-l6 --task city-continent" in text
-        assert "--steps 100" in text and "--batch-size 16" in text and "--seed 0" in text
+        assert "--steps 80" in text and "--batch-size 16" in text and "--seed 0" in text
         assert "--max-eval 500" in text
         # the common classification head trains at the head baseline's rate in every run
         assert ("--head-lr" in text) == ("--method head" not in text)

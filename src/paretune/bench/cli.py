@@ -258,7 +258,7 @@ def resumable(out: Path) -> Iterator[None]:
 
 def bench_command(
     quick: bool = typer.Option(False, "--quick", help="MiniLM-L6 on city-continent, every registered method, budget "
-                               "70,000 (LoRA r=2), 1 seed, 100 steps of batch 16, the first 500 test examples: under "
+                               "70,000 (LoRA r=2), 1 seed, 80 steps of batch 16, the first 500 test examples: under "
                                "10 min on a 2-core CPU for ~40 runs (docs/bench.md)"),
     model: Optional[str] = typer.Option(None, "--model", help="minilm-l6 | smollm2-135m | a local path "
                                         "(default: the task's model)"),

@@ -51,11 +51,11 @@ DEFAULT_LR: dict[str, float] = {"full": 1e-4, "head": 5e-3, "adapter": 2e-3}
 # seed, one budget. 70,000 trainable parameters is one that every built-in method reaches within a
 # factor 2 on MiniLM's 37 all-linear layers (LoRA r=2: 84,480; VeRA's largest, r=384: 35,328;
 # Hydra's smallest, r=1: 126,794), so all of them meet on one plot. To keep ~35 runs under 10
-# minutes on a 2-core CPU, a quick run trains 100 steps of batch 16 (1,600 examples, a third of the
-# former 150 x 32) and scores the first 500 test examples (in the task's fixed hash order); the
-# arithmetic is in docs/bench.md ("The quick bench").
+# minutes on a 2-core CPU, a quick run trains 80 steps of batch 16 (1,280 examples) and scores the
+# first 500 test examples (in the task's fixed hash order); the measured time is in docs/results.md
+# and the arithmetic in docs/bench.md ("The quick bench").
 QUICK = {"model": "minilm-l6", "task": "city-continent", "budgets": (70_000,), "seeds": (0,),
-         "steps": 100, "batch_size": 16, "max_eval": 500}
+         "steps": 80, "batch_size": 16, "max_eval": 500}
 DEFAULTS = {"seeds": (0,), "steps": 300, "batch_size": 32, "knob_values": (2, 8)}
 STDERR_TAIL = 2000
 

@@ -29,7 +29,10 @@ worker's lifetime peak): on CPU a thread samples the process's resident set size
 (``/proc/self/statm``) during the run; ``peak_memory_bytes`` is the largest sample (the worker's
 whole RSS, which includes its cached master models, as a ``paretune train`` process's peak RSS
 includes its own model) and ``peak_memory_delta_bytes`` is that peak minus the RSS at the run's
-start (what the run itself added). On CUDA ``peak_memory_bytes`` stays the trainer's
+start (what the run itself added). Before each run, garbage is collected and freed heap pages go
+back to the OS (``malloc_trim`` on glibc), so the earlier runs' freed memory does not count; the
+worker's cached master model does (one model copy more than a ``paretune train`` process holds).
+On CUDA ``peak_memory_bytes`` stays the trainer's
 ``torch.cuda.max_memory_allocated`` (peak stats reset at each run's start). ``memory_measure`` in
 the metrics names which.
 
@@ -57,6 +60,20 @@ from typing import Any, Iterator
 OUTPUT_TAIL = 2000
 SAMPLE_SECONDS = 0.01
 THREADS_ENV = "PARETUNE_WORKER_THREADS"
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``), so that
+    a run's RSS samples do not include memory the runs before it freed but the allocator kept."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): RSS may then include freed pages
+        pass
 
 
 def _tail(text: str, n: int = OUTPUT_TAIL) -> str:
@@ -327,6 +344,7 @@ class InProcessRunner:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        _release_freed_memory()  # the earlier runs' freed memory is not this run's
         sampler = PeakRSS().start()
         code: Any = None
         error = None
