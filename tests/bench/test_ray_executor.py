@@ -28,7 +28,6 @@ def test_bad_ray_address_errors_quickly():
     assert time.perf_counter() - t0 < 5
 
 
-@pytest.mark.slow  # 226 s on the shared 2-core machine (Ray start-up, 2 actors importing torch); run with -m slow
 def test_ray_executor_equals_sequential(tmp_path):
     ray = pytest.importorskip("ray")
     tiny = make_tiny(tmp_path)

@@ -126,7 +126,6 @@ def test_sequential_sweep_runs_in_a_worker_process(tiny, tmp_path):
     assert rows[0]["metrics"]["eval_loss"] != rows[1]["metrics"]["eval_loss"]
 
 
-@pytest.mark.slow  # 4 process starts (~130 s on the loaded shared machine)
 def test_sequential_worker_equals_subprocess_and_pool_equals_sequential(tiny, tmp_path):
     runs = [spec(tiny, "lora", seed=0), spec(tiny, "head", seed=0), spec(tiny, "lora", seed=1)]
     got = {}
@@ -162,7 +161,6 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.slow  # 3 worker starts (~75 s on the loaded shared machine)
 def test_killed_worker_is_replaced_and_interrupt_leaves_no_orphans(tiny, tmp_path):
     ex = executors.LocalExecutor(2)
     long = spec(tiny, "lora", seed=0, steps=100_000)
