@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AdapterFileError, ConfigError, TargetError
-from .state_folder import load_unique_state, saved_linear, write_state_folder
+from ..errors import ConfigError, TargetError
+from .state_folder import load_unique_state, read_state_meta, saved_linear, write_state_folder
 
 EPS = 1e-5
 Targets = Union[str, Sequence[str], None]
@@ -326,14 +326,9 @@ def load_ternary(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     architecture as the one saved (as loaded from the Hub / ``paretune.models.load``, before any
     conversion): its layers are converted to :class:`TernaryLinear` and every tensor is read from
     the file. Returns the model."""
-    from ..core.jsonfile import read_json
-
     path = Path(path)
-    meta = read_json(path / "ternary.json", what="ternary model description", error=AdapterFileError,
-                     hint="Save the model with paretune.compress.bitnet.save_ternary.")
-    if meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{path / 'ternary.json'} is not a ternary model description (format "
-                               f"{meta.get('format')!r}); save one with paretune.compress.bitnet.save_ternary.")
+    meta = read_state_meta(path, "ternary.json", FORMAT, "ternary model description",
+                           "paretune.compress.bitnet.save_ternary")
     for name, opts in meta["layers"].items():
         base = saved_linear(model, name, path, _is_linear)
         w, b = _weight_and_bias(base)

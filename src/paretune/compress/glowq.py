@@ -84,12 +84,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.host import Host
-from ..errors import AdapterFileError, ConfigError, ParetuneError, TargetError
-from .quantize import Targets, _grouping_problems, _is_linear, is_quantized
-from .quantize import select as select_layers
-from .quantized import Axis, QuantizedLinear, check_axis, check_bits, check_group_size
-from .state_folder import WEIGHTS, load_unique_state, saved_linear, write_state_folder
+from ..errors import AdapterFileError, ConfigError, ParetuneError
+from .quantize import Targets, _is_linear, checked_layers, is_quantized
+from .quantized import Axis, QuantizedLinear
+from .state_folder import WEIGHTS, load_unique_state, read_state_meta, saved_linear, write_state_folder
 
 FORMAT = "paretune-glowq"
 VERSION = 1
@@ -304,29 +302,9 @@ def glowq(model: nn.Module, bits: int = 4, rank: int = 16, group_size: int | Non
 
     Every check runs, and every layer and factor is computed, before the first module is swapped
     in: on any error the model is left as it was. See the module docstring for the formulas."""
-    check_bits(bits)
-    check_axis(axis)
-    check_group_size(group_size)
     _check_rank(rank)
     _check_select(select)
-    if not isinstance(model, nn.Module):
-        raise ParetuneError(f"glowq expects a torch model (nn.Module), not {type(model).__name__}.")
-    if is_quantized(model):
-        raise ParetuneError("glowq: this model is already quantised (it holds QuantizedLinear layers); the "
-                            "correction is computed from the float weights. Load the float model again "
-                            "(paretune.models.load) and call glowq on it.")
-    if any(isinstance(m, Host) for m in model.modules()):
-        raise ParetuneError("glowq: this model carries adapters; apply glowq to the base model, or merge / unload "
-                            "the adapters first.")
-    try:
-        names = select_layers(model, targets, None)
-    except (TargetError, ConfigError) as e:
-        raise type(e)(f"glowq: {str(e).removeprefix('quantize: ')}") from None
-    bad = _grouping_problems(model, names, group_size, axis)
-    if bad:
-        raise ConfigError(f"glowq: group_size={group_size} does not divide the grouped length (axis={axis!r}) of "
-                          f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; choose a group size that divides "
-                          "every length, group_size=None, or leave those layers out of targets.")
+    names = checked_layers(model, "glowq", bits, group_size, axis, targets, None)
     groups = find_groups(model, names, example)
     too_big = []
     for members in groups:
@@ -439,15 +417,8 @@ def load_glowq(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     it was saved from (as loaded from the Hub / ``paretune.models.load``): the groups and layers
     are rebuilt from ``glowq.json`` (no quantisation or SVD is computed) and every tensor is read
     from ``model.safetensors``. On any error the model is left as it was. Returns the model."""
-    from ..core.jsonfile import read_json
-
     path = Path(path)
-    meta = read_json(path / META, what="GlowQ model description", error=AdapterFileError,
-                     hint="Save the model with paretune.compress.glowq.save_glowq.")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise AdapterFileError(f"{path / META} is not a GlowQ model description (format {got!r}); save one with "
-                               "paretune.compress.glowq.save_glowq.")
+    meta = read_state_meta(path, META, FORMAT, "GlowQ model description", "paretune.compress.glowq.save_glowq")
     if meta.get("version") != VERSION:
         raise AdapterFileError(f"{path / META} has version {meta.get('version')!r}; this paretune reads version "
                                f"{VERSION}.")

@@ -114,6 +114,42 @@ def _grouping_problems(model: nn.Module, names: list[str], group_size: int | Non
 
 
 @torch.no_grad()
+def checked_layers(model: nn.Module, who: str, bits: int, group_size: int | None, axis: str, targets: Targets,
+                   skip: Sequence[str] | None) -> list[str]:
+    """The checks every quantising entry point (``quantize``, ``glowq``) runs before it changes
+    anything, with ``who`` naming it in the messages; returns the selected layers' names. Refused:
+    bits, axis or group size not offered; not a torch model; a model already quantised or carrying
+    adapters; targets matching nothing; a group size that does not divide a selected layer."""
+    check_bits(bits)
+    check_axis(axis)
+    check_group_size(group_size)
+    if not isinstance(model, nn.Module):
+        raise ParetuneError(f"{who} expects a torch model (nn.Module), not {type(model).__name__}.")
+    if is_quantized(model):
+        raise ParetuneError(
+            f"{who}: this model is already quantised (it holds QuantizedLinear layers); quantising again would "
+            "compound the rounding. Load the float model again (paretune.models.load) and quantise it once with the "
+            "settings you want."
+        )
+    if any(isinstance(m, Host) for m in model.modules()):
+        raise ParetuneError(
+            f"{who}: this model carries adapters; quantise the base model first, then add adapters to it "
+            "(paretune.adapt on the quantised model), or merge / unload the adapters before quantising."
+        )
+    try:
+        names = select(model, targets, skip)
+    except (TargetError, ConfigError) as e:
+        raise type(e)(f"{who}: {str(e).removeprefix('quantize: ')}") from None
+    bad = _grouping_problems(model, names, group_size, axis)
+    if bad:
+        raise ConfigError(
+            f"{who}: group_size={group_size} does not divide the grouped length (axis={axis!r}) of "
+            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; groups are not padded. Choose a group size "
+            "that divides every length, group_size=None (whole channels), or leave those layers out of targets."
+        )
+    return names
+
+
 def quantize(model: nn.Module, bits: int = 4, group_size: int | None = 128, axis: Axis = "out",
              targets: Targets = None, skip: Sequence[str] | None = None, progress: bool = True) -> nn.Module:
     """Quantise ``model``'s Linear / GPT-2 Conv1D layers in place to k-bit RTN groups and return it.
@@ -135,30 +171,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int | None = 128, axis
     pruned weights at zero and keeps its mask on the QuantizedLinear (a Conv1D's (in, out) mask
     turned to (out, in)), which zeroes the pruned positions of the dequantised weight exactly:
     round-to-nearest with a zero point alone would not give exact zeros."""
-    check_bits(bits)
-    check_axis(axis)
-    check_group_size(group_size)
-    if not isinstance(model, nn.Module):
-        raise ParetuneError(f"quantize expects a torch model (nn.Module), not {type(model).__name__}.")
-    if is_quantized(model):
-        raise ParetuneError(
-            "this model is already quantised (it holds QuantizedLinear layers); quantising again would compound the "
-            "rounding. Load the float model again (paretune.models.load) and quantise it once with the settings you "
-            "want."
-        )
-    if any(isinstance(m, Host) for m in model.modules()):
-        raise ParetuneError(
-            "this model carries adapters; quantise the base model first, then add adapters to it (paretune.adapt on "
-            "the quantised model), or merge / unload the adapters before quantising."
-        )
-    names = select(model, targets, skip)
-    bad = _grouping_problems(model, names, group_size, axis)
-    if bad:
-        raise ConfigError(
-            f"quantize: group_size={group_size} does not divide the grouped length (axis={axis!r}) of "
-            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; groups are not padded. Choose a group size "
-            "that divides every length, group_size=None (whole channels), or leave those layers out of targets."
-        )
+    names = checked_layers(model, "quantize", bits, group_size, axis, targets, skip)
     from tqdm.auto import tqdm
 
     built: list[tuple[str, QuantizedLinear]] = []

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .state_folder import load_unique_state, write_state_folder
+from .state_folder import load_unique_state, read_state_meta, write_state_folder
 from ..errors import AdapterFileError, ConfigError
 
 FORMAT = "paretune-recursive"
@@ -256,13 +256,9 @@ def load_recursive(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a folder written by :func:`save_recursive` into ``model``, the original (not yet
     recursive) model of the same architecture: it is made recursive with the saved settings
     (no SVD is computed) and every tensor is read from the file. Returns the model."""
-    from ..core.jsonfile import read_json
     path = Path(path)
-    meta = read_json(path / "recursive.json", what="recursive model description", error=AdapterFileError,
-                     hint="Save the model with paretune.compress.recursive.save_recursive.")
-    if meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{path / 'recursive.json'} is not a recursive model description (format "
-                               f"{meta.get('format')!r}).")
+    meta = read_state_meta(path, "recursive.json", FORMAT, "recursive model description",
+                           "paretune.compress.recursive.save_recursive")
     n = len(_layers(model))
     if n != meta["num_layers"]:
         raise AdapterFileError(f"{path} holds a recursive model of {meta['num_layers']} layers, but this model has "

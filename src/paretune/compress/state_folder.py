@@ -17,6 +17,19 @@ from ..errors import AdapterFileError
 WEIGHTS = "model.safetensors"
 
 
+def read_state_meta(path: Path, meta_file: str, fmt: str, what: str, saver: str) -> dict:
+    """The JSON settings file ``meta_file`` of a folder at ``path``, checked to be an object of
+    format ``fmt``; an AdapterFileError naming ``what`` it should be and the ``saver`` that writes
+    it otherwise."""
+    from ..core.jsonfile import read_json
+
+    meta = read_json(path / meta_file, what=what, error=AdapterFileError, hint=f"Save the model with {saver}.")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise AdapterFileError(f"{path / meta_file} is not a {what} (format {got!r}); save one with {saver}.")
+    return meta
+
+
 def saved_linear(model: nn.Module, name: str, path: Path, is_linear) -> nn.Module:
     """The float Linear ``name`` of ``model`` that a saved folder at ``path`` replaces; an
     AdapterFileError when the model has no such module or it is not a Linear (``is_linear``)."""
