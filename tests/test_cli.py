@@ -197,3 +197,71 @@ def test_subprocess_help_and_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+# -- run folders, tasks, readable metavars, registered verbs ------------------------------------------
+
+def test_info_accepts_a_run_folder_and_prints_its_metrics(tmp_path, saved_adapter):
+    import shutil
+
+    path, counts = saved_adapter
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(path, run / "adapter")
+    (run / "metrics.json").write_text(json.dumps({"method": "lora", "accuracy": 0.8125, "steps": 7}))
+    out = _ok(["info", str(run)]).stdout
+    assert f"run:         {run}" in out
+    assert "accuracy: 0.8125" in out and "steps: 7" in out
+    assert f"{counts['trainable']:,} parameters" in out
+    data = json.loads(_ok(["info", str(run), "--json"]).stdout)
+    assert data["format"] == "run" and data["metrics"]["steps"] == 7 and data["adapter"]["method"] == "lora"
+
+
+def test_info_on_a_folder_holding_an_adapter_says_did_you_mean(tmp_path, saved_adapter):
+    import shutil
+
+    path, _ = saved_adapter
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    shutil.copytree(path, outer / "lora-r4")
+    res = runner.invoke(app, ["info", str(outer)])
+    assert res.exit_code == 2
+    assert f"Did you mean {outer / 'lora-r4'}?" in res.stderr
+
+
+def test_adapter_folder_resolves_a_run_folder(tmp_path, saved_adapter):
+    import shutil
+
+    from paretune.cli import adapter_folder
+
+    path, _ = saved_adapter
+    shutil.copytree(path, tmp_path / "run" / "adapter")
+    assert adapter_folder(tmp_path / "run") == tmp_path / "run" / "adapter"
+    assert adapter_folder(path) == path
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(paretune.ParetuneError, match="not an adapter folder"):
+        adapter_folder(tmp_path / "empty")
+
+
+def test_tasks_lists_every_builtin_task_with_sizes():
+    from paretune.data.tasks import TASKS
+
+    rows = json.loads(_ok(["tasks", "--json"]).stdout)
+    assert [r["name"] for r in rows] == list(TASKS)
+    for r in rows:
+        train, test = TASKS[r["name"]].splits()
+        assert (r["train"], r["test"], r["kind"], r["default_model"]) == (
+            len(train), len(test), TASKS[r["name"]].kind, TASKS[r["name"]].default_model)
+    text = _ok(["tasks"]).stdout
+    assert "city-continent" in text and "classification (accuracy)" in text
+
+
+@pytest.mark.parametrize("command", [["--help"], ["info", "--help"], ["generate", "--help"], ["train", "--help"]])
+def test_help_shows_readable_metavars(command):
+    out = runner.invoke(app, command, env={"COLUMNS": "200"}).stdout
+    assert "<bool>" not in out and "<list[" not in out and "<str>" not in out and "<int>" not in out
+
+
+def test_generate_export_and_import_are_registered():
+    names = {c.name for c in app.registered_commands}
+    assert {"generate", "tasks", "export", "import"} <= names

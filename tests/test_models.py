@@ -236,3 +236,54 @@ def test_loading_does_not_leave_hub_offline_set(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     models.load("minilm-l6")
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+# -- quiet third-party bars, the load announcement, left padding --------------------------------
+
+def test_gguf_dequantisation_bar_is_quiet_unless_verbose(capfd, monkeypatch):
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    original = gguf.tqdm
+    with models._quiet_transformers(quiet=True):
+        list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert gguf.tqdm is original, "the patched tqdm was not restored"
+    assert "de-quantizing" not in capfd.readouterr().err
+    with models._quiet_transformers(quiet=False):
+        list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" in capfd.readouterr().err
+
+
+def test_verbose_env_turns_transformers_output_back_on(monkeypatch, tiny_llama_dir):
+    seen = []
+    real = models._quiet_transformers
+
+    def spy(quiet):
+        seen.append(quiet)
+        return real(quiet)
+
+    monkeypatch.setattr(models, "_quiet_transformers", spy)
+    monkeypatch.delenv("PARETUNE_VERBOSE", raising=False)
+    models.load(str(tiny_llama_dir))
+    monkeypatch.setenv("PARETUNE_VERBOSE", "1")
+    models.load(str(tiny_llama_dir))
+    models.load(str(tiny_llama_dir), verbose=False)
+    assert seen == [True, False, True]
+
+
+def test_a_slow_load_is_announced_and_a_quick_one_is_not(capfd, monkeypatch, tiny_llama_dir):
+    monkeypatch.delenv("PARETUNE_PROGRESS", raising=False)
+    models.load(str(tiny_llama_dir))
+    assert "loading model" not in capfd.readouterr().err
+    monkeypatch.setattr(models, "ANNOUNCE_AFTER_S", 0.0)
+    models.load(str(tiny_llama_dir))
+    err = capfd.readouterr().err
+    assert f"loading model {tiny_llama_dir} ..." in err and f"loading model {tiny_llama_dir}: done in" in err
+    models.load(str(tiny_llama_dir), progress=False)
+    assert "loading model" not in capfd.readouterr().err
+
+
+def test_causal_lm_tokenizer_pads_on_the_left(tiny_llama_dir):
+    _, tok = models.load(str(tiny_llama_dir))
+    assert tok.padding_side == "left"
+    batch = tok(["a", "a b c"], padding=True)
+    assert batch["attention_mask"][0][0] == 0 and batch["attention_mask"][0][-1] == 1

@@ -4,7 +4,8 @@ per_sample (paretune.save/load and PEFT interop live in io.py and peft_io.py).""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import warnings
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,12 +16,16 @@ from .core.host import Host
 from .core.inject import Targets, hosts, match_targets, unwrap, wrap
 from .core.serving import SamplePlan
 from .core.state import AdapterInfo, AdapterRecord, drop_state, has_state, record_of, state_of
-from .errors import ParetuneError, TargetError
+from .errors import ConfigError, ParetuneError, TargetError
+from .progress import bar
+
+if TYPE_CHECKING:
+    from .configs import MethodConfig
 
 
 def adapt(
     model: nn.Module,
-    method: str,
+    method: "str | MethodConfig",
     *,
     name: str = "default",
     targets: Targets = None,
@@ -29,11 +34,22 @@ def adapt(
 ) -> nn.Module:
     """Add adapter ``name`` of ``method`` to ``model`` in place and return the model.
 
+    ``method``: a method name (``paretune methods`` lists them) or a config object
+    (``paretune.LoraConfig(r=8, targets=[...])``, ``paretune.MethodConfig("vera", r=256)``), whose
+    options, targets and bits are used; options or ``targets``/``bits`` given here as well
+    override the object's.
+
     ``targets``: ``None`` (the method's default targets, else "all-linear"), ``"all-linear"``
     (every Linear and GPT-2 Conv1D but the output head), a regex matching whole module names, or
     a list of module names or suffixes.
     ``options`` are the method's config fields (``paretune methods`` lists them); unknown or
-    out-of-range ones raise :class:`paretune.errors.ConfigError`.
+    out-of-range ones raise :class:`paretune.errors.ConfigError`. For a low-rank method (LoRA
+    and its variants with a rank ``r``) an ``r`` above the smaller side (min(d_out, d_in)) of every
+    targeted layer is refused: the product B·A cannot have a higher rank than that, so the extra
+    parameters would train nothing new. When only some layers are that narrow (the key/value
+    projections of a grouped-query model under a large r) it is a warning naming them, since one r
+    serves every layer. ``alpha=0`` is accepted with a warning: the scaling alpha/r is then 0 and
+    the adapter changes nothing.
 
     ``bits`` (1, 2, 4 or 8) makes a k-bit adapter (:mod:`paretune.core.quant`): its weight tensors
     train quantised (straight-through) and are saved packed at that many bits, plus two numbers
@@ -43,8 +59,23 @@ def adapt(
     trainable. The new adapter is
     added to the active set (several active adapters stack: ``out = base + Σ deltas``).
     """
+    from .configs import MethodConfig
+
+    if isinstance(method, MethodConfig):
+        method, given = method.adapt_arguments()
+        targets = given.pop("targets", None) if targets is None else targets
+        bits = given.pop("bits", None) if bits is None else bits
+        given.pop("targets", None)
+        given.pop("bits", None)
+        options = {**given, **options}
+    elif not isinstance(method, str):
+        raise ConfigError(
+            f"method must be a method name such as 'lora' or a config such as paretune.LoraConfig(r=8), "
+            f"not {type(method).__name__}."
+        )
     spec = registry.get(method)
     config = spec.config_cls.from_dict(options)
+    _warn_zero_alpha(spec.name, config)
     if bits is not None:
         quant.check_bits(bits)
     if not isinstance(name, str) or not name or "." in name:
@@ -62,15 +93,18 @@ def adapt(
     built: list[tuple[Host, nn.Module]] = []
     try:
         targets_hosts = [wrap(model, module_name, st) for module_name in names]
+        _check_rank(spec.name, config, targets_hosts)
         _refuse_shift_on_quantized(spec, targets_hosts)
         bank = spec.delta_cls.make_bank([h.geometry for h in targets_hosts], config)
-        for layer, host in enumerate(targets_hosts):
+        layers = bar(targets_hosts, desc=f"adapt {spec.name}", unit="layer", leave=False, delay=2.0)
+        for layer, host in enumerate(layers):
             delta = spec.delta_cls(host.geometry, config, bank=bank, layer=layer)
             delta.train(host.base.training)  # a model in eval mode gets its adapter in eval mode (no dropout)
             built.append((host, delta))
             host.add(name, delta)
         if bits is not None:
             _quantize(spec.name, [d for _, d in built], bits)
+        layers.close()
     except Exception:
         for host, delta in built:  # leave the model as it was
             delta.restore_base()
@@ -87,6 +121,80 @@ def adapt(
     st.set_active([*st.active, name])
     _reroute(model)
     return model
+
+
+#: methods outside the LoRA config family whose ``r`` is the rank of each layer's own trained
+#: factors (LaMDA's B·S·A; Hydra's U·D in each branch). Not VeRA: its r is the size of frozen random
+#: matrices shared by all layers, where an r above a layer's side is how the method is used (the
+#: trained vectors stay small).
+RANK_BOUNDED = ("lamda", "hydra")
+
+
+def _low_rank(config) -> bool:
+    """A config whose ``r`` bounds the rank of each layer's update (LoRA-shaped or RANK_BOUNDED)."""
+    from .methods.lora import LowRankConfig
+
+    return isinstance(config, LowRankConfig) or getattr(config, "method", None) in RANK_BOUNDED
+
+
+def _check_rank(method: str, config, hosts_: list[Host]) -> None:
+    """A low-rank method's r above min(d_out, d_in) of every targeted layer is refused; above that
+    of some layers only, warned about (see adapt)."""
+    if not _low_rank(config) or not hosts_:
+        return
+    narrow = []
+    for host in hosts_:
+        g = host.geometry
+        side = min(g.d_out, g.d_in)
+        if config.r > side:
+            narrow.append(f"{g.name or type(host.base).__name__} ({g.d_out}×{g.d_in})")
+    if not narrow:
+        return
+    widest = max(min(h.geometry.d_out, h.geometry.d_in) for h in hosts_)
+    if len(narrow) == len(hosts_):
+        raise ConfigError(
+            f"{method}: r={config.r} exceeds min(d_out, d_in) of every targeted layer (at most {widest}; e.g. "
+            f"{narrow[0]}); B·A cannot have a rank above that, so the extra parameters would add nothing. "
+            f"Use r <= {widest}."
+        )
+    shown = ", ".join(narrow[:3]) + (f" and {len(narrow) - 3} more" if len(narrow) > 3 else "")
+    warnings.warn(
+        f"{method}: r={config.r} exceeds min(d_out, d_in) of {len(narrow)} of the {len(hosts_)} targeted layers "
+        f"({shown}); on those B·A has a lower rank than r and part of their parameters add nothing.",
+        UserWarning, stacklevel=4,
+    )
+
+
+def _warn_zero_alpha(method: str, config) -> None:
+    if getattr(config, "alpha", None) == 0:
+        warnings.warn(
+            f"{method}: alpha=0 makes the scaling alpha/r zero, so this adapter will not change the model's "
+            "output (and its B receives no gradient); use alpha > 0 (alpha = r or 2·r is usual).",
+            UserWarning, stacklevel=3,
+        )
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7325`` (PEFT's line).
+
+    Counts come from :func:`paretune.count`: trainable = the adapters' parameters plus any other
+    parameter that requires grad (a classification head being trained); all = the base's
+    parameters (a quantised layer's weight counted as its in·out numbers, as ``count`` does) plus
+    the adapters'. Works on a model without adapters too.
+    """
+    from .core.accounting import count
+
+    c = count(model)
+    adapter_ids = set()
+    if has_state(model):
+        for _, host in hosts(model):
+            for delta in host.deltas.values():
+                adapter_ids.update(id(p) for p in delta.parameters())
+    extra = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids)
+    trainable = c["trainable"] + extra
+    total = c["base"] + c["trainable"]
+    percent = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
 
 
 def _refuse_shift_on_quantized(spec, hosts_: list[Host]) -> None:

@@ -2,7 +2,12 @@
 
     paretune methods [--options]     every method, its summary and trainable-parameter formula
     paretune models                  the bundled real models and whether they are installed
-    paretune info DIR [--json]       what an adapter folder (paretune or PEFT LoRA) or compressed model holds
+    paretune info DIR [--json]       what an adapter folder (paretune or PEFT LoRA), a training run folder
+                                     or a compressed model holds
+    paretune tasks [--json]          the built-in tasks: kind, metric, default model, sizes
+    paretune generate --model M [--adapter DIR] (--prompt TEXT | --prompts FILE)
+                                     greedy completions of prompts (paretune.generate_cli)
+    paretune export / import ...     adapters to and from PEFT folders (paretune.export_cli)
     paretune train ...               fine-tune a model with one method (paretune.training.cli)
     paretune bench ...               sweeps and Pareto reports (paretune.bench.cli)
     paretune intrinsic-dim ...       d90 of a model on a task by subspace training (paretune.measure.cli)
@@ -26,13 +31,58 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+import typer.core
 
 from . import __version__
 from .errors import ParetuneError
 from .units import human_bytes
 
+def _readable_metavars(command: Any) -> None:
+    """Give every option and argument of ``command`` (and of its subcommands) a readable metavar:
+    nothing for an on/off flag, the option's own name in capitals otherwise (``--steps STEPS``,
+    ``--targets TARGETS``), instead of typer's type labels (``<bool>``, ``<list[str]>``)."""
+    params = list(getattr(command, "params", []))
+    try:  # the --help option is built on demand and cached by the command
+        help_option = command.get_help_option(command.context_class(command))
+    except Exception:  # noqa: BLE001  (a command type without one: nothing to relabel)
+        help_option = None
+    if help_option is not None:
+        params.append(help_option)
+    for param in params:
+        if param.metavar is not None:
+            continue
+        is_option = any(o.startswith("-") for o in getattr(param, "opts", []))
+        if not is_option:  # an argument: its name (PATH) is shown already; drop the <type> label
+            param.display_type_rich = lambda ctx: None
+            param.metavar = (param.name or "value").upper()
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+            continue
+        longs = [o for o in param.opts if o.startswith("--")]
+        label = (longs[0].lstrip("-") if longs else (param.name or "value")).replace("-", "_").upper()
+        param.metavar = label
+    for sub in getattr(command, "commands", {}).values():
+        _readable_metavars(sub)
+
+
+class _ReadableGroup(typer.core.TyperGroup):
+    """The root command group: readable metavars on every subcommand (see _readable_metavars)."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _readable_metavars(command)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _readable_metavars(self)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
     name="paretune",
+    cls=_ReadableGroup,
     help="Parameter-efficient fine-tuning: adapt, measure, store and combine adapters of pretrained models.",
     no_args_is_help=True,
     add_completion=False,
@@ -204,15 +254,61 @@ def _peft_info(path: Path) -> dict[str, Any]:
     return info
 
 
+RUN_PARTS = ("adapter", "head", "model", "bitnet")  # what `paretune train --out RUN` may write
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    from .io import CONFIG_FILE
+    from .peft_io import PEFT_CONFIG
+
+    return (path / CONFIG_FILE).is_file() or (path / PEFT_CONFIG).is_file()
+
+
+def _is_run_folder(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or any((path / part).is_dir() for part in RUN_PARTS)
+
+
+def adapter_folder(path: Path) -> Path:
+    """The adapter folder meant by ``path``: ``path`` itself when it holds an adapter, else
+    ``path/adapter`` of a training run folder; anything else is an error with a hint."""
+    from .io import CONFIG_FILE
+    from .peft_io import PEFT_CONFIG
+
+    path = Path(path)
+    if not path.exists():
+        raise ParetuneError(f"{path} does not exist; give an adapter folder written by paretune.save "
+                            "(or a run folder of `paretune train`).")
+    if not path.is_dir():
+        raise ParetuneError(f"{path} is a file, not an adapter folder; give the folder that holds {CONFIG_FILE}.")
+    if _is_adapter_folder(path):
+        return path
+    if _is_adapter_folder(path / "adapter"):
+        return path / "adapter"
+    raise ParetuneError(f"{path} is not an adapter folder: it has neither {CONFIG_FILE} (paretune.save) nor "
+                        f"{PEFT_CONFIG} (PEFT).{_did_you_mean(path)}")
+
+
+def _did_you_mean(path: Path) -> str:
+    """`` Did you mean RUN/adapter?`` for the sub-folders of ``path`` that hold an adapter or model."""
+    from .compress.storage import is_compressed
+
+    found = [p for p in sorted(path.iterdir()) if p.is_dir() and (_is_adapter_folder(p) or is_compressed(p)
+                                                                   or (p / "head.safetensors").is_file())]
+    if not found:
+        return ""
+    return " Did you mean " + " or ".join(str(p) for p in found[:3]) + "?"
+
+
 @app.command("info")
 @guarded
 def info_command(
     path: Path = typer.Argument(..., help="An adapter folder written by paretune.save (or a PEFT LoRA folder), "
+                                "a run folder of `paretune train` (adapter/, head/, model/, metrics.json), "
                                 "or a model folder written by paretune.compress.save_compressed."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     show: int = typer.Option(5, "--show", help="How many target module names to list."),
 ) -> None:
-    """Describe an adapter folder: method, options, targets, trainable parameters, bytes, base."""
+    """Describe an adapter folder (method, options, targets, trainable parameters, bytes, base) or a run folder."""
     from .io import CONFIG_FILE, WEIGHTS_FILE
     from .peft_io import PEFT_CONFIG
 
@@ -229,14 +325,22 @@ def info_command(
         info = _paretune_info(path)
     elif (path / PEFT_CONFIG).exists():
         info = _peft_info(path)
+    elif _is_run_folder(path):
+        _run_info(path, as_json, show)
+        return
     else:
         raise ParetuneError(
             f"{path} is not an adapter folder: it has neither {CONFIG_FILE} + {WEIGHTS_FILE} (paretune.save) "
-            f"nor {PEFT_CONFIG} (PEFT)."
+            f"nor {PEFT_CONFIG} (PEFT).{_did_you_mean(path)}"
         )
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
+    for line in _adapter_lines(info, show):
+        typer.echo(line)
+
+
+def _adapter_lines(info: dict[str, Any], show: int) -> list[str]:
     targets = info.get("targets") or []
     lines = [
         f"adapter:     {info['path']} ({'paretune' if info['format'] == 'paretune' else 'PEFT'} format)",
@@ -257,8 +361,70 @@ def info_command(
         lines.append(f"base sha256: {info.get('base_sha256') or 'unknown'} (fingerprint of the adapted modules)")
         if info.get("library_version"):
             lines.append(f"written by:  paretune {info['library_version']}")
-    for line in lines:
-        typer.echo(line)
+    return lines
+
+
+def _run_info(path: Path, as_json: bool, show: int) -> None:
+    """``paretune info RUN``: a run folder of ``paretune train``: its metrics.json and what it saved."""
+    from .core.jsonfile import read_json
+
+    metrics_file = path / "metrics.json"
+    metrics = read_json(metrics_file, what="run metrics") if metrics_file.is_file() else None
+    adapter = path / "adapter"
+    info: dict[str, Any] = {"format": "run", "path": str(path), "metrics": metrics}
+    if _is_adapter_folder(adapter):
+        info["adapter"] = _paretune_info(adapter) if (adapter / "paretune.json").is_file() else _peft_info(adapter)
+    for part in ("head", "model", "bitnet"):
+        if (path / part).is_dir():
+            info[part] = str(path / part)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"run:         {path} (a `paretune train` run folder)")
+    if metrics is None:
+        typer.echo("metrics:     none (no metrics.json: the run did not finish?)")
+    elif isinstance(metrics, dict):
+        typer.echo(f"metrics:     {metrics_file}")
+        for key, value in metrics.items():
+            if key == "eval_history" or isinstance(value, (dict, list)) and len(json.dumps(value)) > 80:
+                continue
+            shown = f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+            typer.echo(f"  {key}: {shown}")
+    if "adapter" in info:
+        typer.echo("")
+        for line in _adapter_lines(info["adapter"], show):
+            typer.echo(line)
+    for part, what in (("head", "the trained task head (head.safetensors, label names in head.json)"),
+                       ("model", "the fully fine-tuned model: paretune.models.load(this folder)"),
+                       ("bitnet", "the ternary model")):
+        if part in info:
+            typer.echo(f"{part + ':':<12} {info[part]}: {what}")
+
+
+# -- paretune tasks -----------------------------------------------------------------------------
+
+@app.command("tasks")
+@guarded
+def tasks_command(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """List the built-in tasks: kind, metric, default model and train/test sizes."""
+    from .data.tasks import TASKS
+
+    rows = []
+    for name, task in TASKS.items():
+        train, test = task.splits()
+        rows.append({"name": name, "kind": task.kind, "metric": task.metric, "default_model": task.default_model,
+                     "train": len(train), "test": len(test), "description": task.description})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {r['kind']} ({r['metric']}), default model {r['default_model']}, "
+                   f"{r['train']:,} train / {r['test']:,} test")
+        typer.echo(f"{'':<{width}}    {r['description']}")
+    typer.echo("Use one with `paretune train --task NAME` or `paretune bench --task NAME`.")
 
 
 def _compressed_info(path: Path, as_json: bool) -> None:
@@ -335,6 +501,9 @@ _register_external("bench", "bench.cli", "bench_command")
 _register_external("intrinsic-dim", "measure.cli", "intrinsic_dim_command")
 _register_external("merge", "merging.cli", "merge_command")
 _register_external("compress", "compress.cli", "compress_command")
+_register_external("generate", "generate_cli", "generate_command")
+_register_external("export", "export_cli", "export_command")
+_register_external("import", "export_cli", "import_command")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

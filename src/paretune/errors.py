@@ -17,3 +17,7 @@ class TargetError(ParetuneError):
 
 class AdapterFileError(ParetuneError):
     """An adapter folder is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+class DivergedError(ParetuneError):
+    """Training produced a non-finite loss, gradient or weight; nothing of the run was saved."""

@@ -12,6 +12,16 @@ paretune does not install) and are loaded with ``local_files_only=True`` under
 ``HF_HUB_OFFLINE`` is set it must already be local or in the Hugging Face cache.
 
 Nothing is cached here: every call loads a fresh model.
+
+A load that takes more than 2 s is announced on stderr (``loading model smollm2-135m ...`` then
+``loading model smollm2-135m: done in 21.4 s``; see :func:`paretune.progress.phase`). Progress
+bars and load reports of transformers (the GGUF de-quantisation bar among them) stay quiet
+unless ``verbose=True`` or the environment variable ``PARETUNE_VERBOSE=1``.
+
+A causal LM's tokenizer pads on the left, so ``tokenizer(prompts, padding=True)`` gives batches
+that ``model.generate`` continues correctly (right padding would put pad tokens between a
+prompt and its continuation). paretune's own training and evaluation pad their batches
+themselves and do not depend on this setting.
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ from typing import Any, Iterator
 from .errors import ParetuneError
 
 TASKS = ("auto", "causal-lm", "classification", "encoder")
+
+#: a load still running after this many seconds is announced on stderr (see ``load``)
+ANNOUNCE_AFTER_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,18 +131,46 @@ def _names() -> str:
 
 
 @contextlib.contextmanager
-def _bundled_env(quiet: bool) -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 while loading a bundled model, and (``quiet``) no transformers load report
-    or progress bars: a new classifier head is expected there, not news. Restored afterwards."""
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """(``quiet``) no transformers load report or progress bars while loading: a new classifier
+    head is expected, not news. transformers' GGUF reader draws its de-quantisation bar with
+    ``tqdm`` directly, outside its own progress-bar switch, so that module's ``tqdm`` is swapped
+    for a disabled one for the duration. Everything is restored afterwards."""
+    if not quiet:
+        yield
+        return
+    import functools
+
     from transformers.utils import logging as hf_logging
 
-    old_env = os.environ.get("HF_HUB_OFFLINE")
     old_level = hf_logging.get_verbosity()
     old_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    gguf_module, old_tqdm = None, None
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_module  # noqa: PLC0415
+
+        old_tqdm = getattr(gguf_module, "tqdm", None)
+        if old_tqdm is not None:
+            gguf_module.tqdm = functools.partial(old_tqdm, disable=True)
+    except ImportError:  # a transformers without GGUF support: nothing to silence
+        gguf_module = None
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old_level)
+        if old_bars:
+            hf_logging.enable_progress_bar()
+        if gguf_module is not None and old_tqdm is not None:
+            gguf_module.tqdm = old_tqdm
+
+
+@contextlib.contextmanager
+def _bundled_env() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 while loading a bundled model; restored afterwards."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if quiet:
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
@@ -137,9 +178,6 @@ def _bundled_env(quiet: bool) -> Iterator[None]:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = old_env
-        hf_logging.set_verbosity(old_level)
-        if old_bars:
-            hf_logging.enable_progress_bar()
 
 
 def _auto_class(task: str):
@@ -172,7 +210,10 @@ def _check_task(task: str, num_labels: int | None) -> str:
 
 
 def _finish(model, tokenizer, task: str):
-    """Give the tokenizer a pad token (eos when it has none) and tell the model about it."""
+    """Give the tokenizer a pad token (eos when it has none) and tell the model about it; a
+    causal LM's tokenizer pads on the left (batched generation continues each prompt's end)."""
+    if tokenizer is not None and task == "causal-lm":
+        tokenizer.padding_side = "left"
     if tokenizer is not None and tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -192,18 +233,32 @@ def _finish(model, tokenizer, task: str):
 
 def load(
     name_or_path: str, *, task: str = "auto", num_labels: int | None = None, dtype: Any = None,
+    verbose: bool | None = None, progress: bool = True,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
     ``name_or_path``: a bundled name (``paretune models`` lists them: ``smollm2-135m``,
     ``minilm-l6``), a local folder (or a ``.gguf`` file; a folder that ``paretune.compress.save_compressed``
-    wrote loads quantised), or a Hugging Face Hub id.
+    wrote loads quantised; one an adapted model's ``save_pretrained`` wrote loads with its adapters), or a
+    Hugging Face Hub id.
     ``task``: ``"causal-lm"``, ``"classification"`` (a new, randomly initialised head with
     ``num_labels`` classes), ``"encoder"`` (the bare model), or ``"auto"``: the bundled model's
     default, else causal-lm when the config's architectures are a causal LM, else encoder
     (``"auto"`` with ``num_labels`` means classification). ``dtype``: a torch dtype (default
-    float32), its name, or ``"auto"``.
+    float32), its name, or ``"auto"``. ``verbose``: show transformers' own progress bars and load
+    reports (default: only when ``PARETUNE_VERBOSE=1``). ``progress``: announce a load that takes
+    more than 2 s on stderr (``False`` for none).
     """
+    from .progress import phase
+    from .progress import verbose as env_verbose
+
+    quiet = not (env_verbose() if verbose is None else verbose)
+    label = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else "?"
+    with phase(f"loading model {label}", enabled=progress, delay=ANNOUNCE_AFTER_S), _quiet_transformers(quiet):
+        return _load(name_or_path, task=task, num_labels=num_labels, dtype=dtype)
+
+
+def _load(name_or_path: Any, *, task: str, num_labels: int | None, dtype: Any) -> tuple[Any, Any]:
     import torch
 
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -223,7 +278,12 @@ def load(
         got = load_if_compressed(local, task=task, num_labels=num_labels, dtype=user_dtype)
         if got is not None:
             return got
-    return _load_other(name, task, num_labels, dtype)
+    model, tokenizer = _load_other(name, task, num_labels, dtype)
+    if local.is_dir():  # an adapted model's save_pretrained: its adapters come back too
+        from .hf import load_adapters
+
+        load_adapters(model, local)
+    return model, tokenizer
 
 
 def _load_bundled(b: BundledModel, task: str, num_labels: int | None, dtype: Any):
@@ -243,7 +303,7 @@ def _load_bundled(b: BundledModel, task: str, num_labels: int | None, dtype: Any
     if b.kind == "gguf":
         folder, kwargs["gguf_file"] = loc.parent, loc.name
     extra = {"num_labels": num_labels} if task == "classification" else {}
-    with _bundled_env(quiet=True):
+    with _bundled_env():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
             model = _auto_class(task).from_pretrained(str(folder), dtype=dtype, **kwargs, **extra)

@@ -1,23 +1,34 @@
-"""PEFT interop: write a paretune adapter as a PEFT LoRA folder, and read one back.
+"""PEFT interop: write a paretune adapter as a PEFT adapter folder, and read one back.
 
-The PEFT LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``) is what PEFT's
-``PeftModel.from_pretrained`` and vLLM load. Keys are
-``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` /
-``lora_embedding_B`` for embeddings), with A (r, d_in) and B (d_out, r) in the layouts paretune
-uses too (Conv2d: A as an (r, in, kh, kw) kernel, B as (out, r, 1, 1)).
+A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors``, what PEFT's
+``PeftModel.from_pretrained`` / ``AutoPeftModelFor*`` (and, for LoRA, vLLM) load. Formats
+(``paretune.peft_formats``):
 
-Any method whose delta has an exact LoRA form exports (``Delta.as_lora``; ``paretune methods``
-marks them): LoRA, PiSSA (as the rank-2r LoRA relative to the original weights), NOLA, VeRA,
-RandLoRA, LaMDA and Block-LoRA, each as the LoRA factors its ΔW is made of. The scaling is written
-as ``lora_alpha = s·r`` so PEFT's ``alpha / r`` reproduces it exactly. Import reads PEFT LoRA
-folders into paretune LoRA adapters.
+* ``VERA``: paretune ``vera`` (the same formula and draw; the projections are written too);
+* ``RANDLORA``: paretune ``randlora`` (exact conversions in ``peft_formats/randlora.py``);
+* ``LOKR``: paretune ``kronecker`` where LoKr can express it (``peft_formats/lokr.py``);
+* ``LORA``: every other method whose delta has an exact LoRA form (``Delta.as_lora``; ``paretune
+  methods`` marks them): LoRA, PiSSA (as the rank-2r LoRA relative to the original weights),
+  NOLA, LaMDA, Block-LoRA, ... each as the LoRA factors its ΔW is made of, with
+  ``lora_alpha = s·r`` so that PEFT's ``alpha / r`` is the method's scaling exactly. VeRA and
+  RandLoRA can be written as LoRA too (``peft_type="LORA"``).
+
+The config gets ``task_type`` (``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``,
+``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION``; see :func:`infer_task_type`) and
+``base_model_name_or_path`` (see :func:`base_model_path`), so PEFT's auto classes load the base
+and the adapter from the folder alone. A task head trained with the adapter (a classifier) is
+written as PEFT's ``modules_to_save``: its tensors under ``base_model.model.<module>.<param>``,
+the keys PEFT itself writes, and its module names in ``modules_to_save``.
+
+Import reads the same formats into the matching paretune method, copies ``modules_to_save``
+tensors into the model's own modules, and takes a Hugging Face Hub id when the path is not a
+local folder. Every malformed file is an :class:`AdapterFileError` naming the problem.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,112 +38,210 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .errors import AdapterFileError
-from .api import adapt, remove
 from .core import registry
 from .core.atomic import atomic_dir
 from .core.delta import Delta
+from .core.host import Host
 from .core.jsonfile import read_json
 from .core.state import record_of, state_of
+from .errors import AdapterFileError
+from .peft_formats import lokr, lora, randlora, vera
+from .peft_formats.common import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-_SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-}
+__all__ = ["export_peft", "import_peft", "exportable_methods", "infer_task_type", "base_model_path",
+           "import_peft_with_heads", "PEFT_CONFIG", "PEFT_WEIGHTS", "PREFIX", "TASK_TYPES", "PEFT_TYPES"]
+
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+# the native PEFT format of a paretune method; any other method with a LoRA form is written as LORA
+NATIVE = {"vera": "VERA", "randlora": "RANDLORA", "kronecker": "LOKR"}
+PEFT_TYPES = ("LORA", "VERA", "RANDLORA", "LOKR")
+_READERS = {"LORA": lora.load, "VERA": vera.load, "RANDLORA": randlora.load, "LOKR": lokr.load}
+
+# class-name endings -> PEFT task type, checked in this order
+_TASK_SUFFIXES = (
+    (("ForSequenceClassification",), "SEQ_CLS"),
+    (("ForTokenClassification",), "TOKEN_CLS"),
+    (("ForQuestionAnswering",), "QUESTION_ANS"),
+    (("ForConditionalGeneration", "ForSeq2SeqLM"), "SEQ_2_SEQ_LM"),
+    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
+)
 
 
 def exportable_methods() -> list[str]:
-    """Registered methods whose deltas have an exact LoRA form (so PEFT's LoRA format holds them)."""
-    return [n for n, spec in registry.all_methods().items() if spec.delta_cls.as_lora is not Delta.as_lora]
+    """Registered methods that export to a PEFT format (a native one, or LoRA through an exact LoRA form)."""
+    return [n for n, spec in registry.all_methods().items()
+            if n in NATIVE or spec.delta_cls.as_lora is not Delta.as_lora]
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model``: from its class name (``...ForCausalLM`` / ``...LMHeadModel``
+    -> ``CAUSAL_LM``, ``...ForSequenceClassification`` -> ``SEQ_CLS``, ``...ForTokenClassification``
+    -> ``TOKEN_CLS``, ``...ForQuestionAnswering`` -> ``QUESTION_ANS``, ``...ForConditionalGeneration``
+    of an encoder-decoder config -> ``SEQ_2_SEQ_LM``), else from ``config.architectures`` the same
+    way; a transformers model with neither (a bare encoder such as ``BertModel``) ->
+    ``FEATURE_EXTRACTION``; anything else (not a transformers model) -> None."""
+    config = getattr(model, "config", None)
+    names = [type(model).__name__] + list(getattr(config, "architectures", None) or [])
+    for name in names:
+        for suffixes, task in _TASK_SUFFIXES:
+            if name.endswith(suffixes):
+                if task == "SEQ_2_SEQ_LM" and not getattr(config, "is_encoder_decoder", False):
+                    continue  # e.g. a vision-language ...ForConditionalGeneration decoder
+                return task
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return "FEATURE_EXTRACTION" if isinstance(model, PreTrainedModel) else None
+
+
+def base_model_path(model: nn.Module) -> str | None:
+    """Where PEFT should load the base from: a bundled model's real location (its folder for a
+    Hugging Face folder; its origin Hub id for a GGUF file, which transformers cannot open from a
+    path alone), an existing local path made absolute, else ``config._name_or_path`` as it is
+    (a Hub id), or None when the model has no name."""
+    from .models import BUNDLED
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name is None:
+        return None
+    if name in BUNDLED:
+        b = BUNDLED[name]
+        loc = b.location()
+        return str(loc) if b.kind == "hf-folder" and loc is not None else b.origin
+    local = Path(os.path.expanduser(name))
+    return str(local.resolve()) if local.exists() else name
+
+
+def _adapted_modules(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, Host)}
+
+
+def _heads_to_save(model: nn.Module, heads: str | list[str] | None) -> list[str]:
+    """``"auto"``: every module ``paretune.training.trainer.head_modules`` returns whose parameters
+    all train and that is not adapted; a list: those modules; None: none."""
+    if heads is None:
+        return []
+    if heads == "auto":
+        from .training.trainer import head_modules
+
+        adapted = _adapted_modules(model)
+        out = []
+        for h in head_modules(model):
+            params = list(model.get_submodule(h).parameters())
+            if h not in adapted and params and all(p.requires_grad for p in params):
+                out.append(h)
+        return out
+    if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
+        raise AdapterFileError(f"heads={heads!r}: give 'auto', a list of module names, or None.")
+    for h in heads:
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise AdapterFileError(f"heads: the model has no module {h!r}.") from None
+    return list(heads)
 
 
 def export_peft(
     model: nn.Module, path: str | os.PathLike, name: str = "default", *, base_model_name_or_path: str | None = None,
+    task_type: str | None = "auto", heads: str | list[str] | None = "auto", peft_type: str | None = None,
 ) -> Path:
-    """Write adapter ``name`` as a PEFT LoRA folder at ``path`` (atomically); returns the path."""
+    """Write adapter ``name`` as a PEFT adapter folder at ``path`` (atomically); returns the path.
+
+    ``peft_type``: None writes the method's native PEFT format (``VERA`` for vera, ``RANDLORA`` for
+    randlora, ``LOKR`` for kronecker, ``LORA`` for the rest); ``"LORA"`` writes any method with a
+    LoRA form as LoRA. ``task_type``: ``"auto"`` (:func:`infer_task_type`), one of
+    ``TASK_TYPES``, or None. ``base_model_name_or_path``: default :func:`base_model_path`.
+    ``heads``: task heads written as ``modules_to_save`` (``"auto"``: the trained, unadapted heads
+    that ``paretune.training.trainer.head_modules`` finds; a list of module names; None)."""
     rec = record_of(model, name)
     if state_of(model).is_merged(name):
         raise AdapterFileError(f"adapter {name!r} is merged; unmerge it before exporting.")
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    kinds = set()
-    for module_name in rec.targets:
-        host = model.get_submodule(module_name)
-        lora = host.deltas[name].as_lora()
-        if lora is None:
-            raise AdapterFileError(
-                f"{rec.method} has no exact LoRA form, so it cannot be written in PEFT's LoRA format; "
-                f"save it with paretune.save instead (methods that export: {', '.join(exportable_methods())})."
-            )
-        a, b, s = lora
-        kind = host.kind
-        kinds.add(kind)
-        r = a.shape[0]
-        ranks[module_name], alphas[module_name] = r, s * r
-        key = PREFIX + module_name
-        if kind == "embedding":
-            tensors[key + ".lora_embedding_A"] = a
-            tensors[key + ".lora_embedding_B"] = b
-        else:
-            if kind == "conv2d":
-                base = host.base
-                a = a.reshape(r, base.in_channels, *base.kernel_size)
-                b = b.reshape(b.shape[0], r, 1, 1)
-            tensors[key + ".lora_A.weight"] = a
-            tensors[key + ".lora_B.weight"] = b
-    r0 = ranks[rec.targets[0]]
-    alpha0 = alphas[rec.targets[0]]
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path
-        or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": r0,
-        "lora_alpha": alpha0,
-        "lora_dropout": float(getattr(rec.config, "dropout", 0.0)),
-        "target_modules": list(rec.targets),
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": "conv1d" in kinds,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "rank_pattern": {m: r for m, r in ranks.items() if r != r0},
-        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha0},
-        "inference_mode": True,
-        "revision": None,
-    }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if task_type == "auto":
+        task_type = infer_task_type(model)
+    elif task_type is not None and task_type not in TASK_TYPES:
+        raise AdapterFileError(f"task_type={task_type!r} is not a PEFT task type; use 'auto', None or one of "
+                               f"{', '.join(TASK_TYPES)}.")
+    fmt = NATIVE.get(rec.method, "LORA") if peft_type is None else str(peft_type).upper()
+    if fmt not in PEFT_TYPES:
+        raise AdapterFileError(f"peft_type={peft_type!r}: paretune writes {', '.join(PEFT_TYPES)}.")
+    if fmt != "LORA" and NATIVE.get(rec.method) != fmt:
+        raise AdapterFileError(f"a {rec.method} adapter cannot be written as PEFT {fmt}; "
+                               f"{fmt} holds {[m for m, t in NATIVE.items() if t == fmt][0]} adapters only. "
+                               "Use peft_type='LORA' or None.")
+    if fmt == "LORA":
+        config, tensors = lora.export(model, rec, name, exportable_methods())
+    else:
+        config, tensors = {"VERA": vera.export, "RANDLORA": randlora.export, "LOKR": lokr.export}[fmt](model, rec, name)
+    head_names = _heads_to_save(model, heads)
+    for h in head_names:
+        for pname, p in model.get_submodule(h).named_parameters():
+            tensors[f"{PREFIX}{h}.{pname}"] = p.detach()
+    config.update({
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or base_model_path(model),
+        "modules_to_save": head_names or None, "inference_mode": True, "revision": None,
+    })
+    config = dict(sorted(config.items()))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt", "exported_by": f"paretune {__version__} ({rec.method})"})
+        save_file(tensors, str(tmp / PEFT_WEIGHTS),
+                  metadata={"format": "pt", "exported_by": f"paretune {__version__} ({rec.method})"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 
-_UNSUPPORTED = {
-    "use_dora": "DoRA", "lora_bias": "LoRA bias terms", "layer_replication": "layer replication",
-    "modules_to_save": "modules_to_save (fully trained extra modules)", "use_qalora": "QA-LoRA",
-    "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters",
-}
+# -- import ------------------------------------------------------------------------------------
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A local folder as it is; otherwise a Hugging Face Hub id, downloaded (config and weights only)
+    with ``huggingface_hub.snapshot_download``, which follows the same rules as transformers
+    (``HF_HUB_OFFLINE``, ``HF_HOME``, the cache); its errors become an :class:`AdapterFileError`
+    naming the id."""
+    local = Path(os.path.expanduser(os.fspath(path)))
+    if local.exists():
+        if not local.is_dir():
+            raise AdapterFileError(f"{local} is a file; give a PEFT adapter folder (with {PEFT_CONFIG}).")
+        return local
+    from .models import _looks_local
+
+    text = os.fspath(path)
+    if _looks_local(text):
+        raise AdapterFileError(f"{text} does not exist; give a PEFT adapter folder or a Hugging Face Hub id "
+                               "(user/adapter).")
+    try:
+        from huggingface_hub import snapshot_download
+
+        got = snapshot_download(text, allow_patterns=[PEFT_CONFIG, PEFT_WEIGHTS])
+    except Exception as e:  # the hub library's own errors (offline, not found, gated, network) all end here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        hint = (" HF_HUB_OFFLINE is set, so only adapters already in the Hugging Face cache can be used."
+                if offline else " Check the id and your network, or download the folder and give its path.")
+        raise AdapterFileError(f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+                               f"({type(e).__name__}: {first}).{hint}") from None
+    return Path(got)
 
 
-def _read_peft(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked config and the tensors of the PEFT folder ``path``."""
     cfg_file = path / PEFT_CONFIG
     if not cfg_file.is_file():
         raise AdapterFileError(f"{path} has no {PEFT_CONFIG}; it is not a PEFT adapter folder.")
     cfg = read_json(cfg_file, what="PEFT adapter config", error=AdapterFileError)
     if not isinstance(cfg, dict):
-        raise AdapterFileError(f"{cfg_file} is not a PEFT adapter config (a JSON object).")
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{path} holds a PEFT {cfg.get('peft_type')!r} adapter; import_peft reads LORA only.")
-    for key, what in _UNSUPPORTED.items():
-        if cfg.get(key) not in (None, False, [], {}):
-            raise AdapterFileError(f"{path} uses {what} ({key}={cfg[key]!r}), which import_peft does not support.")
-    if cfg.get("bias", "none") != "none":
+        raise AdapterFileError(f"{cfg_file} holds a JSON {type(cfg).__name__}, not an object; it is not a PEFT "
+                               "adapter config.")
+    if "peft_type" not in cfg:
+        raise AdapterFileError(f"{cfg_file} has no 'peft_type'; it is not a PEFT adapter config.")
+    kind = cfg["peft_type"]
+    if kind not in _READERS:
+        raise AdapterFileError(f"{path} holds a PEFT {kind!r} adapter; import_peft reads {', '.join(PEFT_TYPES)}.")
+    if cfg.get("bias", "none") not in (None, "none"):
         raise AdapterFileError(f"{path} trains biases (bias={cfg['bias']!r}); import_peft supports bias='none' only.")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and (not isinstance(mts, list) or not all(isinstance(m, str) for m in mts)):
+        raise AdapterFileError(f"{cfg_file}: modules_to_save={mts!r} must be a list of module names or null.")
     weights = path / PEFT_WEIGHTS
     if not weights.is_file():
         hint = " Convert adapter_model.bin to safetensors first." if (path / "adapter_model.bin").exists() else ""
@@ -144,64 +253,52 @@ def _read_peft(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
+def _split_heads(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 path: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the ``modules_to_save`` tensors out of ``tensors``: {module: {param: tensor}}, checked
+    against the model's modules (names and shapes) before anything changes."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for pattern in cfg.get("modules_to_save") or []:
+        matches = [k for k in tensors if k.startswith(PREFIX) and
+                   (k[len(PREFIX):].startswith(pattern + ".") or f".{pattern}." in k[len(PREFIX):])]
+        for key in matches:
+            rest = key[len(PREFIX):]
+            module, _, param = rest.rpartition(".")
+            heads.setdefault(module, {})[param] = tensors.pop(key)
+    for module, params in heads.items():
+        try:
+            own = dict(model.get_submodule(module).named_parameters())
+        except AttributeError:
+            raise AdapterFileError(f"{path} saves module {module!r} (modules_to_save), which this model does not "
+                                   "have; load it onto its base model.") from None
+        for param, t in params.items():
+            if param not in own:
+                raise AdapterFileError(f"{path}: {module}.{param} (modules_to_save) is no parameter of the model.")
+            if tuple(own[param].shape) != tuple(t.shape):
+                raise AdapterFileError(
+                    f"{path}: {module}.{param} has shape {tuple(t.shape)} in the file but {tuple(own[param].shape)} in "
+                    f"the model; load a model with a matching head (e.g. num_labels={t.shape[0]}).")
+    return heads
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
-    """Read a PEFT LoRA folder into ``model`` as paretune LoRA adapter ``name`` (in place)."""
-
-    path = Path(path)
-    cfg, tensors = _read_peft(path)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if key.endswith(".base_layer.weight"):
-            continue  # PEFT may save the embedding's base weight too; paretune keeps the model's
-        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(PREFIX):
-            raise AdapterFileError(f"{path}: unexpected tensor {key!r} in a PEFT LoRA file.")
-        module = key[len(PREFIX):-len(suffix)]
-        factors.setdefault(module, {})[_SUFFIXES[suffix]] = t
-    if not factors:
-        raise AdapterFileError(f"{path}: the PEFT file holds no LoRA tensors.")
-    settings = set()
-    for module, ab in factors.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterFileError(f"{path}: module {module} lacks lora_A or lora_B; the file is corrupt.")
-        r = int(ab["A"].shape[0])
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
-        settings.add((r, float(alpha)))
-    if len(settings) > 1:
-        raise AdapterFileError(
-            f"{path} gives its modules different ranks or alphas {sorted(settings)}; paretune adapters use one "
-            "rank and alpha per adapter. Import it as several adapters, one per setting."
-        )
-    (r, alpha), = settings
-    missing = [m for m in factors if not _exists(model, m)]
-    if missing:
-        raise AdapterFileError(
-            f"{path} adapts modules this model does not have: {missing[:5]}; load it onto its base model "
-            f"({cfg.get('base_model_name_or_path') or 'unknown'})."
-        )
-    exact = "|".join(re.escape(m) for m in factors)
-    adapt(model, "lora", name=name, targets=exact, r=r, alpha=alpha, rslora=bool(cfg.get("use_rslora", False)),
-          dropout=float(cfg.get("lora_dropout", 0.0)))
-    try:
-        for module, ab in factors.items():
-            delta = model.get_submodule(module).deltas[name]
-            delta.load_stored({"A": ab["A"].reshape(r, -1), "B": ab["B"].reshape(ab["B"].shape[0], r)}, where=module)
-    except Exception:
-        remove(model, name)
-        raise
+    """Read a PEFT folder (or Hub id) into ``model`` as paretune adapter ``name`` (in place): LORA
+    as ``lora``, VERA as ``vera``, RANDLORA as ``randlora`` (convention ``peft``), LOKR as
+    ``kronecker``; ``modules_to_save`` tensors (a trained head) are copied into the model's own
+    modules. Nothing changes on the model when the file is malformed."""
+    import_peft_with_heads(model, path, name)
     return model
 
 
-def _exists(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
+def import_peft_with_heads(model: nn.Module, path: str | os.PathLike, name: str = "default") -> list[str]:
+    """:func:`import_peft`, returning the names of the modules filled from ``modules_to_save``."""
+    folder = resolve(path)
+    cfg, tensors = read_peft(folder)
+    heads = _split_heads(model, cfg, tensors, folder)
+    _READERS[cfg["peft_type"]](model, cfg, tensors, name, folder)
+    with torch.no_grad():
+        for module, params in heads.items():
+            own = dict(model.get_submodule(module).named_parameters())
+            for param, t in params.items():
+                own[param].copy_(t.to(own[param].dtype))
+    return sorted(heads)

@@ -255,3 +255,48 @@ def test_a_failed_adapt_leaves_the_model_as_it_was():
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     assert not any(isinstance(m, Host) for m in model.modules()) and paretune.adapters(model) == {}
+
+
+# -- rank above a layer's smaller side; alpha=0 ---------------------------------------------------
+
+def test_rank_above_a_layers_smaller_side_is_refused_with_the_reason(make_llama):
+    model = make_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    side = model.model.layers[0].self_attn.k_proj.weight.shape
+    too_big = min(side) + 1
+    with pytest.raises(paretune.ConfigError, match=rf"r={too_big} exceeds min\(d_out, d_in\) of every targeted "
+                       rf"layer \(at most {min(side)}; e.g. .*k_proj"):
+        paretune.adapt(model, "lora", r=too_big, targets=["k_proj"])
+    assert not any(isinstance(m, Host) for m in model.modules()), "a refused adapt left hosts behind"
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    paretune.adapt(model, "lora", r=min(side), targets=["k_proj"])  # exactly the smaller side is fine
+
+
+def test_rank_above_only_some_layers_smaller_side_is_a_warning(make_llama):
+    """One r serves every layer: narrower layers (grouped-query k/v projections) only waste some
+    parameters, so that is a warning naming them, not a refusal."""
+    model = make_llama()
+    k = model.model.layers[0].self_attn.k_proj.weight.shape
+    q = model.model.layers[0].self_attn.q_proj.weight.shape
+    assert min(k) < min(q), "the fixture's k_proj must be narrower than its q_proj"
+    with pytest.warns(UserWarning, match=r"k_proj"):
+        paretune.adapt(model, "lora", r=min(q), targets=["q_proj", "k_proj"])
+    assert "default" in paretune.adapters(model)
+
+
+def test_alpha_zero_warns_that_the_adapter_does_nothing(make_llama):
+    model = make_llama()
+    with pytest.warns(UserWarning, match="alpha=0"):
+        paretune.adapt(model, "lora", r=2, alpha=0, targets=["q_proj"])
+
+
+def test_adapt_shows_progress_over_layers_when_slow(make_llama, monkeypatch, capsys):
+    import paretune.api as api
+
+    real = api.bar
+    monkeypatch.setattr(api, "bar", lambda *a, **k: real(*a, **{**k, "delay": 0.0}))  # as if building were slow
+    monkeypatch.delenv("PARETUNE_PROGRESS", raising=False)
+    model = make_llama()
+    paretune.adapt(model, "lora", r=2, targets=["q_proj", "v_proj"])
+    n = len(paretune.adapters(model)["default"].targets)
+    assert f"adapt lora: {n}/{n} (100%)" in capsys.readouterr().err

@@ -160,8 +160,10 @@ def test_wrong_tensor_shapes_leave_the_model_unchanged(two, make_llama, tmp_path
     meta["config"]["r"] = 3  # the tensors say r=2
     (out / "paretune.json").write_text(json.dumps(meta))
     fresh = make_llama()
-    with pytest.raises(AdapterFileError, match="saved shape"):
+    with pytest.raises(AdapterFileError, match="options .config. were changed after the adapter was saved"):
         paretune.load(fresh, out)
+    with pytest.raises(AdapterFileError, match="saved shape"):  # past the checksum, the shapes still refuse it
+        paretune.load(fresh, out, verify=False)
     assert paretune.adapters(fresh) == {}
     assert isinstance(fresh.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
@@ -200,3 +202,174 @@ def test_save_refuses_merged_and_unknown(two, make_llama, tmp_path):
     with pytest.raises(ParetuneError, match="not a folder"):
         paretune.save(model, tmp_path / "file", name="b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# -- task heads -------------------------------------------------------------------------------
+
+def _trained_bert(make_bert, tmp_path):
+    model = make_bert()
+    paretune.adapt(model, "lora", targets=["query", "value"], r=2)
+    model.classifier.requires_grad_(True)  # the head trains beside the adapter
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.config.id2label = {0: "Africa", 1: "Asia", 2: "Europe"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    return model
+
+
+def test_head_and_labels_round_trip(make_bert, ids, tmp_path):
+    model = _trained_bert(make_bert, tmp_path)
+    out = paretune.save(model, tmp_path / "a")
+    meta = json.loads((out / "paretune.json").read_text())
+    assert meta["heads"] == ["classifier"] and meta["id2label"] == {"0": "Africa", "1": "Asia", "2": "Europe"}
+    assert set(load_file(str(out / "head.safetensors"))) == {"classifier.weight", "classifier.bias"}
+    fresh = make_bert()
+    assert not torch.equal(fresh.classifier.weight, model.classifier.weight)
+    paretune.load(fresh, out)
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)
+    assert fresh.config.id2label == {0: "Africa", 1: "Asia", 2: "Europe"}
+    assert fresh.config.label2id == {"Africa": 0, "Asia": 1, "Europe": 2}
+
+
+def test_heads_none_and_frozen_head_write_no_head(make_bert, make_llama, tmp_path):
+    model = _trained_bert(make_bert, tmp_path)
+    out = paretune.save(model, tmp_path / "none", heads=None)
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "paretune.json"]
+    assert "heads" not in json.loads((out / "paretune.json").read_text())
+    frozen = make_bert()
+    paretune.adapt(frozen, "lora", targets=["query"], r=2)  # the head stays frozen: "auto" takes none
+    assert "head.safetensors" not in os.listdir(paretune.save(frozen, tmp_path / "frozen"))
+    explicit = paretune.save(frozen, tmp_path / "explicit", heads=["classifier"])
+    assert json.loads((explicit / "paretune.json").read_text())["heads"] == ["classifier"]
+    assert "id2label" not in json.loads((explicit / "paretune.json").read_text())  # LABEL_i placeholders
+    with pytest.raises(ParetuneError, match="no module"):
+        paretune.save(frozen, tmp_path / "bad", heads=["nope"])
+    with pytest.raises(ParetuneError, match="is adapted"):
+        paretune.save(frozen, tmp_path / "bad", heads=["bert.encoder.layer.0.attention.self.query"])
+
+
+def test_head_shape_mismatch_is_a_clear_error(make_bert, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    model = _trained_bert(make_bert, tmp_path)
+    out = paretune.save(model, tmp_path / "a")
+    cfg = make_bert().config
+    cfg.num_labels = 5
+    torch.manual_seed(0)
+    five = BertForSequenceClassification(cfg).eval()
+    with pytest.raises(AdapterFileError, match=r"head tensor 'classifier\.(weight|bias)' has shape \(3.*the model's has \(5.*num_labels"):
+        paretune.load(five, out)
+    assert "_paretune" not in five.__dict__  # nothing was added
+
+
+# -- base weights hash ------------------------------------------------------------------------
+
+def _other_weights(make_llama):
+    return make_llama(seed=7)  # same shapes, other values
+
+
+def test_weights_hash_is_saved_and_independent(make_llama, tmp_path):
+    import hashlib
+
+    from paretune.core.inject import base_tensors
+
+    model = make_llama()
+    paretune.adapt(model, "lora", targets=["q_proj"], r=2)
+    meta = json.loads((paretune.save(model, tmp_path / "a") / "paretune.json").read_text())
+    h = hashlib.sha256()  # recomputed here from the raw bytes, independently of the engine's streaming
+    for t in meta["targets"]:
+        inner = hashlib.sha256()
+        for n, p in base_tensors(make_llama().get_submodule(t)):
+            inner.update(f"{n}|{str(p.dtype)[6:]}|{list(p.shape)}|".encode())
+            inner.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"{t}:{inner.hexdigest()}\n".encode())
+    assert meta["fingerprint"]["weights_sha256"] == h.hexdigest()
+
+
+def test_lora_on_other_weights_warns_and_loads(make_llama, perturb, ids, tmp_path):
+    model = make_llama()
+    paretune.adapt(model, "lora", targets=["q_proj", "v_proj"], r=2)
+    perturb(model)
+    out = paretune.save(model, tmp_path / "a")
+    other = _other_weights(make_llama)
+    with pytest.warns(pio.BaseWeightsWarning, match="other base weights"):
+        paretune.load(other, out)
+    q = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(other.get_submodule(q).deltas["default"].delta_weight(),
+                               model.get_submodule(q).deltas["default"].delta_weight())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paretune.load(_other_weights(make_llama), out, check_base=False)  # silenced
+        paretune.load(make_llama(), out)  # the same weights: no warning
+
+
+def test_pissa_on_other_weights_is_refused(make_llama, perturb, ids, tmp_path):
+    model = make_llama()
+    paretune.adapt(model, "pissa", targets=["q_proj", "v_proj"], r=2)
+    perturb(model)
+    out = paretune.save(model, tmp_path / "a")
+    other = _other_weights(make_llama)
+    before = other(input_ids=ids).logits
+    with pytest.raises(AdapterFileError, match=r"pissa.*other base weights.*check_base=False"):
+        paretune.load(other, out)
+    assert "_paretune" not in other.__dict__
+    torch.testing.assert_close(other(input_ids=ids).logits, before, atol=0, rtol=0)
+    paretune.load(other, out, check_base=False)  # the override
+    assert paretune.adapters(other)["default"].method == "pissa"
+    same = paretune.load(make_llama(), out)  # PiSSA hashes the weights as they were before its residual
+    torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_old_folder_without_hash_loads_silently(make_llama, perturb, tmp_path):
+    import warnings
+
+    model = make_llama()
+    paretune.adapt(model, "pissa", targets=["q_proj"], r=2)
+    out = paretune.save(model, tmp_path / "a")
+    f = out / "paretune.json"
+    meta = json.loads(f.read_text())
+    del meta["fingerprint"]["weights_sha256"]
+    f.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paretune.load(_other_weights(make_llama), out)
+
+
+def test_base_dependent_flags():
+    from paretune.core import registry
+
+    flags = {n: registry.get(n).depends_on_base_weights(registry.get(n).config_cls()) for n in
+             ("lora", "vera", "pissa", "ia3", "hydra")}
+    assert flags == {"lora": False, "vera": False, "pissa": True, "ia3": True, "hydra": True}
+
+
+def test_changed_bytes_or_options_after_saving_are_refused(make_llama, tmp_path):
+    """A flipped byte inside a tensor keeps the file readable and an edited alpha keeps the
+    description valid; the checksums written by save refuse both (verify=False loads them)."""
+    model = make_llama()
+    paretune.adapt(model, "lora", targets=["q_proj"], r=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    out = paretune.save(model, tmp_path / "a")
+    data = bytearray((out / "adapter.safetensors").read_bytes())
+    data[-3] ^= 0x01  # a low mantissa bit of the last tensor value: still a finite float
+    (out / "adapter.safetensors").write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="adapter.safetensors changed after it was saved"):
+        paretune.load(make_llama(), out)
+    paretune.load(make_llama(), out, verify=False)
+
+    out2 = paretune.save(model, tmp_path / "b")
+    meta = json.loads((out2 / "paretune.json").read_text())
+    meta["config"]["alpha"] = 2 * meta["config"]["alpha"]
+    (out2 / "paretune.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterFileError, match="config. were changed"):
+        paretune.load(make_llama(), out2)
+    loaded = paretune.load(make_llama(), out2, verify=False)
+    assert paretune.adapters(loaded)["default"].config.alpha == meta["config"]["alpha"]

@@ -70,3 +70,77 @@ def test_an_empty_prompt_trains_the_whole_text_and_an_empty_completion_is_refuse
     assert batch["labels"].tolist() == [[15, 14, 12, 15, 1]]  # every token of the text is a target
     with pytest.raises(ParetuneError, match="lacks 'completion'"):
         load_data([{"prompt": "q", "completion": ""}])
+
+
+# -- file encodings, long fields, label types ---------------------------------------------------
+
+def test_a_utf8_csv_with_a_bom_is_read(tmp_path):
+    f = tmp_path / "bom.csv"
+    f.write_bytes("\ufefftext,label\nhello,a\nworld,b\n".encode("utf-8"))
+    d = load_data(f)
+    assert d.kind == "classification" and d.rows == [{"text": "hello", "label": "a"}, {"text": "world", "label": "b"}]
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes(("\ufeff" + json.dumps({"text": "x", "label": "a"}) + "\n").encode("utf-8"))
+    assert load_data(j).rows == [{"text": "x", "label": "a"}]
+
+
+def test_a_field_over_the_csv_default_limit_is_read_and_one_over_our_cap_is_a_clear_error(tmp_path, monkeypatch):
+    import csv
+
+    from paretune.data import examples
+
+    f = tmp_path / "long.csv"
+    long_text = "word " * 60_000  # 300,000 characters: over csv's default 131,072
+    f.write_text(f'text,label\n"{long_text}",a\nshort,b\n', encoding="utf-8")
+    before = csv.field_size_limit()
+    d = load_data(f)
+    assert d.rows[0]["text"] == long_text and d.rows[1] == {"text": "short", "label": "b"}
+    assert csv.field_size_limit() == before  # the process-wide limit is restored
+    monkeypatch.setattr(examples, "CSV_FIELD_LIMIT", 200_000)
+    with pytest.raises(ParetuneError, match=r"long.csv:\d+: a field is longer than 200,000 characters"):
+        load_data(f)
+
+
+def test_a_malformed_csv_is_a_clear_error(tmp_path):
+    f = tmp_path / "nul.csv"
+    f.write_bytes(b"text,label\n\"a\x00b\",x\n")
+    try:
+        d = load_data(f)  # newer Python reads NUL bytes; older ones raise csv.Error
+        assert d.rows[0]["label"] == "x"
+    except ParetuneError as e:
+        assert "nul.csv" in str(e)
+
+
+@pytest.mark.parametrize("labels,types", [
+    ([1, "1", 1.0, True], ["integer", "string", "number", "boolean"]),
+    (["a", 2], ["string", "integer"]),
+    ([1, 1.0], ["integer", "number"]),
+])
+def test_mixed_label_types_are_refused_naming_the_types_and_rows(tmp_path, labels, types):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+    with pytest.raises(ParetuneError, match="labels of mixed types") as e:
+        load_data(f)
+    for i, t in enumerate(types, 1):
+        assert f"{t} (row {i}" in str(e.value)
+
+
+def test_labels_of_one_type_are_kept():
+    assert load_data([{"text": "a", "label": 1}, {"text": "b", "label": 0}]).labels() == ["0", "1"]
+    assert load_data([{"text": "a", "label": True}, {"text": "b", "label": False}]).labels() == ["False", "True"]
+    assert load_data([{"text": "a", "label": "x"}, {"text": "b", "label": "1"}]).labels() == ["1", "x"]
+
+
+@pytest.mark.parametrize("line,what", [
+    ('{"text": "b", "label": NaN}', "nan as 'label'"),
+    ('{"text": "b", "label": Infinity}', "inf as 'label'"),
+    ('{"text": "b", "label": null}', "lacks 'label'"),
+    ('{"text": "b", "label": [1, 2]}', "list as 'label'"),
+    ('{"text": "b", "label": {"x": 1}}', "dict as 'label'"),
+    ('{"text": {"x": 1}, "label": "a"}', "dict as 'text'"),
+])
+def test_nan_null_list_and_dict_values_are_refused_naming_the_row(tmp_path, line, what):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "a", "label": "a"}\n' + line + "\n")
+    with pytest.raises(ParetuneError, match=f"row 2 (has a |has |){what}"):
+        load_data(f)

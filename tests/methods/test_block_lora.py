@@ -61,6 +61,6 @@ def test_starts_at_the_base_and_exports_as_lora(tmp_path, make_llama, llama_batc
 
 def test_too_many_blocks_is_a_clear_error():
     with pytest.raises(paretune.ConfigError, match="blocks=9 exceeds d_in=8"):
-        paretune.adapt(nn.Sequential(nn.Linear(8, 4)), "block-lora", blocks=9, targets=["0"])
+        paretune.adapt(nn.Sequential(nn.Linear(8, 4)), "block-lora", r=4, blocks=9, targets=["0"])
     with pytest.raises(paretune.ConfigError, match="blocks"):
         paretune.adapt(nn.Sequential(nn.Linear(8, 4)), "block-lora", blocks=0, targets=["0"])

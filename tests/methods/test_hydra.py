@@ -145,7 +145,7 @@ def test_train_mode_dropout_hits_only_the_hidden_activation(alone):
     p, s = 0.5, 0.7
     model = _model(d_in=16, d_out=12)
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    paretune.adapt(model, "hydra", r=64, scale=s, dropout=p, targets=["0"])
+    paretune.adapt(model, "hydra", r=12, scale=s, dropout=p, targets=["0"])
     _randomize(model)
     if not alone:  # a second, zero-init LoRA after it: Hydra runs through forward(x, base_out), not fused
         paretune.adapt(model, "lora", name="z", r=2, targets=["0"])
@@ -177,7 +177,7 @@ def test_train_mode_dropout_matches_a_hand_computation_with_the_same_seed():
     p, s = 0.3, 1.5
     model = _model(d_in=10, d_out=6)
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    paretune.adapt(model, "hydra", r=32, scale=s, dropout=p, targets=["0"])
+    paretune.adapt(model, "hydra", r=6, scale=s, dropout=p, targets=["0"])
     _randomize(model)
     d = _delta(model)
     model.train()

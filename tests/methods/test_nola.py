@@ -299,6 +299,7 @@ def _drop_version_key(folder):
     f = folder / "paretune.json"
     meta = json.loads(f.read_text())
     del meta["config"]["bases_version"]
+    meta.pop("checksums")  # nor checksums, which came later
     f.write_text(json.dumps(meta))
 
 

@@ -318,7 +318,7 @@ def test_trainable_count_is_r_times_din_plus_dout(make_llama):
 
 def test_rank_above_the_smallest_dimension_is_a_clear_error(make_llama):
     model = make_llama()
-    with pytest.raises(ConfigError, match=r"r=17 exceeds min\(d_out, d_in\)=16"):
+    with pytest.raises(ConfigError, match=r"r=17 exceeds min\(d_out, d_in\) of every targeted layer \(at most 16"):
         paretune.adapt(model, "pissa", r=17, targets=["k_proj"])
     assert not hosts_of(model), "a failed adapt left hosts behind"
 
@@ -326,5 +326,71 @@ def test_rank_above_the_smallest_dimension_is_a_clear_error(make_llama):
 @pytest.mark.parametrize("options, option", [({"alpha": 0}, "alpha"), ({"niter": -1}, "niter"),
                                              ({"niter": 1.5}, "niter"), ({"niter": True}, "niter")])
 def test_bad_options_are_clear_errors(options, option):
+    with pytest.raises(ConfigError, match=option):
+        PissaConfig(**options)
+
+
+# -- svd="auto" | "exact" | "randomized" ----------------------------------------------------------
+
+def low_rank_plus_noise(d_out: int, d_in: int, rank: int, noise: float = 1e-3, seed: int = 0) -> nn.Sequential:
+    """A Linear whose weight is a rank-``rank`` matrix (well separated singular values) plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=g))
+    s = torch.linspace(5.0, 1.0, rank)
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_((u * s) @ v.T + noise * torch.randn(d_out, d_in, generator=g))
+    return model
+
+
+def test_svd_auto_is_randomized_above_exact_max_dim_and_exact_below():
+    c = PissaConfig(r=4)
+    assert c.svd == "auto" and c.exact_max_dim == 256
+    assert c.svd_plan(300, 600) == 4  # smaller side 300 > 256: randomized, 4 iterations
+    assert c.svd_plan(256, 4096) is None  # smaller side 256: exact
+    assert PissaConfig(r=4, svd="exact").svd_plan(4096, 4096) is None
+    assert PissaConfig(r=4, svd="randomized", niter=2).svd_plan(8, 8) == 2
+    assert PissaConfig(r=4, niter=1).svd_plan(8, 8) == 1  # an explicit niter: randomized everywhere
+    assert PissaConfig(r=4, exact_max_dim=16).svd_plan(40, 48) == 4
+
+
+@pytest.mark.parametrize("svd", ["auto", "randomized"])
+def test_randomized_init_reconstructs_W_and_finds_the_principal_part(svd):
+    """Above exact_max_dim the default init is randomized: W_res + s·B·A == W exactly, and s·B·A is
+    close to the exact top-r part (from an independent full SVD) on a low-rank-plus-noise matrix."""
+    r = 6
+    model = low_rank_plus_noise(300, 280, rank=r)
+    w = model[0].weight.detach().clone()
+    paretune.adapt(model, "pissa", r=r, alpha=12, svd=svd)
+    d = hosts_of(model)["0"].deltas["default"]
+    torch.testing.assert_close(model[0].base.weight.detach() + d.delta_weight(), w, atol=1e-5, rtol=0)
+    u, s, vh = torch.linalg.svd(w.double())
+    best = ((u[:, :r] * s[:r]) @ vh[:r]).float()
+    err = (d.delta_weight() - best).norm() / best.norm()
+    assert err < 1e-4, f"randomized principal part off by {err:.2e} (relative)"
+    # it was the randomized path: the exact factors are not reproduced bit for bit
+    exact = low_rank_plus_noise(300, 280, rank=r)
+    paretune.adapt(exact, "pissa", r=r, alpha=12, svd="exact")
+    assert not torch.equal(hosts_of(exact)["0"].deltas["default"].A.detach().abs(), d.A.detach().abs())
+
+
+def test_small_layers_stay_exact_under_auto(make_mlp):
+    a, b = make_mlp(), make_mlp()
+    paretune.adapt(a, "pissa", r=3)
+    paretune.adapt(b, "pissa", r=3, svd="exact")
+    for (_, ha), (_, hb) in zip(sorted(hosts_of(a).items()), sorted(hosts_of(b).items())):
+        assert torch.equal(ha.deltas["default"].A, hb.deltas["default"].A)
+
+
+def test_adapters_saved_before_svd_existed_load_with_their_init():
+    assert PissaConfig.upgrade({"r": 4, "niter": None}) == {"r": 4, "niter": None, "svd": "exact"}
+    assert PissaConfig.upgrade({"r": 4, "niter": 2})["svd"] == "randomized"
+    assert PissaConfig.upgrade({"r": 4, "niter": 2, "svd": "auto"})["svd"] == "auto"
+
+
+@pytest.mark.parametrize("options, option", [({"svd": "fast"}, "svd"), ({"svd": "exact", "niter": 2}, "niter"),
+                                             ({"exact_max_dim": 0}, "exact_max_dim")])
+def test_bad_svd_options_are_clear_errors(options, option):
     with pytest.raises(ConfigError, match=option):
         PissaConfig(**options)

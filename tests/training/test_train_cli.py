@@ -26,8 +26,10 @@ def test_train_writes_adapter_and_metrics(tmp_path, method):
     assert saved == json.loads(json.dumps(m))
     for key in ("method", "trainable", "stored_bytes", "train_seconds", "peak_memory_bytes", "accuracy"):
         assert key in saved
-    assert (out / "head" / "head.safetensors").is_file()
+    # the head goes with the adapter (adapter/head.safetensors); a separate head/ only for --method head
+    assert (out / "head" / "head.safetensors").is_file() == (method == "head")
     assert (out / "adapter" / "paretune.json").is_file() == (method == "lora")
+    assert (out / "adapter" / "head.safetensors").is_file() == (method == "lora")
     if method == "head":
         assert saved["num_labels"] == 6  # a hash-ordered prefix of 256 cities covers every continent
         assert saved["trainable"] == 384 * 6 + 6 and saved["stored_bytes"] == 4 * saved["trainable"]

@@ -73,7 +73,7 @@ def test_checkpoint_resume_equals_uninterrupted(tiny_bert, minilm_tokenizer, col
     with pytest.raises(interrupted):
         train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(ck), checkpoint_every=3,
               on_step=interrupt_at(4), **kw)
-    assert (ck / "state.pt").is_file()
+    assert (ck / "state.safetensors").is_file() and (ck / "state.json").is_file()
     resumed = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(ck), checkpoint_every=3,
                     resume=True, **kw)
     assert len(resumed.history) == 6
@@ -173,8 +173,10 @@ def test_resumed_schedule_and_checkpoint_keep_frozen_tensors(tiny_bert, minilm_t
     full = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, **kw)
     part = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(tmp_path / "ck"),
                  checkpoint_every=4, **{**kw, "steps": 8})
-    state = torch.load(tmp_path / "ck" / "state.pt", weights_only=False)
-    assert any(n.endswith(".B") for n in state["trainable"])  # frozen by step 4, still saved
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "ck" / "state.safetensors")
+    assert any(n.startswith("param/") and n.endswith(".B") for n in state)  # frozen by step 4, still saved
     resumed = train(tiny_bert(minilm_tokenizer.vocab_size), colour_data, checkpoint_dir=str(tmp_path / "ck"),
                     resume=True, **kw)
     want = {n: p for n, p in full.model.named_parameters() if ".deltas." in n}

@@ -13,6 +13,7 @@ finished runs are kept, unfinished and failed ones are run again.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence
@@ -60,7 +61,10 @@ def run_bench(
     loading ``model``). ``data`` / ``eval_data``: the user's files instead of a built-in task
     (:mod:`paretune.bench.data`); ``tune="lr"``: search each configuration's rate on the validation
     split first (:mod:`paretune.bench.tune`; ``tune_grid`` factors, ``tune_seeds`` None = the first
-    seed). Returns ``(SweepResult or None, ReportFiles)``: the final runs' sweep result (with
+    seed). ``targets``: the ``--targets`` values (see :func:`paretune.cli_options.parse_targets`).
+    Holds ``OUT/.lock`` from before the first write into ``out`` to the end
+    (:func:`paretune.bench.store.bench_lock`): a second bench on the same folder is a ParetuneError
+    "another bench is running in OUT (pid N)" (`paretune bench` then exits 2). Returns ``(SweepResult or None, ReportFiles)``: the final runs' sweep result (with
     ``search``, the search sweep's result, as an attribute when tuning)."""
     from . import sweep
     from .report import write_report
@@ -81,115 +85,123 @@ def run_bench(
         _print_report(files, echo)
         return None, files
 
-    from ..data.tasks import get_task
-    from . import tune as tuning
-    from .data import prepare_task_search, prepare_user_data
+    from ..cli_options import parse_targets
+    from .store import bench_lock
 
-    if eval_data is not None and data is None:
-        raise ParetuneError("--eval-data needs --data (the training file).")
-    if data is not None and task is not None:
-        raise ParetuneError("give either --task NAME (a built-in task) or --data FILE (your own data), not both.")
-    tune = tuning.parse_tune(tune)
-    factors = tuple(tune_grid) if tune_grid is not None else tuning.DEFAULT_FACTORS
-    if quick and data is None:
-        model = model or (sweep.QUICK["model"] if task is None else None)
-        task = task or sweep.QUICK["task"]
-    if data is None and task is None:
-        raise ParetuneError("give --task NAME (a built-in task), --data FILE (your own data) or --quick.")
-    splits = None
-    if data is not None:
-        if not model:
-            raise ParetuneError("--data needs --model (a bundled name such as minilm-l6 / smollm2-135m, a local "
-                                "folder or a Hub id).")
-        if out.exists() and not out.is_dir():
-            raise ParetuneError(f"--out {out} is a file; give a folder.")
-        splits = prepare_user_data(Path(data).resolve(), Path(eval_data).resolve() if eval_data else None, out)
-        task, kind = splits.name, splits.kind
-        echo(f"data: {splits.describe()}")
-    else:
-        t = get_task(task)
-        model = model or t.default_model
-        kind = t.kind
-    seeds = list(seeds) if seeds is not None else list((sweep.QUICK if quick else sweep.DEFAULTS)["seeds"])
-    steps = steps if steps is not None else (sweep.QUICK if quick else sweep.DEFAULTS)["steps"]
-    batch_size = batch_size if batch_size is not None else (sweep.QUICK if quick else sweep.DEFAULTS)["batch_size"]
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ParetuneError(f"--steps {steps!r} is invalid; give an integer >= 1.")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ParetuneError(f"--batch-size {batch_size!r} is invalid; give an integer >= 1.")
-    if lr is not None and not lr > 0:
-        raise ParetuneError(f"--lr {lr!r} is invalid; give a learning rate > 0.")
-    for b in budgets:
-        if b < 1:
-            raise ParetuneError(f"--budget {b} is invalid; give a number of trainable parameters >= 1.")
-    if tune_seeds is not None and not tune:
-        raise ParetuneError("--tune-seeds needs --tune lr.")
-    names = sweep.resolve_methods(methods)  # unknown method: a clear error before loading anything
-    if baselines is None:
-        baselines = sweep.BASELINES
-    for b in baselines:
-        if b not in sweep.BASELINES:
-            raise ParetuneError(f"--baselines: unknown baseline {b!r}; choose from {', '.join(sweep.BASELINES)} "
-                                "or 'none'.")
+    held = contextlib.ExitStack()  # OUT/.lock, from the first write into out to the end
+    with held:
+        from ..data.tasks import get_task
+        from . import tune as tuning
+        from .data import prepare_task_search, prepare_user_data
 
-    if net is None:
-        echo(f"loading {model} to match budgets...")
-        net = sweep.load_model_for(model, kind)
-    budgets = list(dict.fromkeys(budgets))
-    if not budgets:
-        budgets = _default_budgets(net, names, model, quick, targets)
-    plan = sweep.plan_runs(net, model=model, task=task, methods=names, budgets=budgets, seeds=seeds, steps=steps,
-                           batch_size=batch_size, lr=lr, targets=targets, baselines=baselines,
-                           max_eval=sweep.QUICK["max_eval"] if quick else None,
-                           head_lr=sweep.DEFAULT_LR["head"] if lr is None and kind == "classification" else None,
-                           data=splits.train if splits else None, eval_data=splits.test if splits else None,
-                           data_id=splits.data_id if splits else None)
-    del net
-    for note in plan.notes:
-        echo(f"note: {note}")
-    if not plan.runs:
-        raise ParetuneError("nothing to run: every method was skipped (see the notes above).")
-    methods_in = list(dict.fromkeys(r.method for r in plan.runs))
-    echo(f"bench: {model} on {task}; {len(plan.runs)} run(s) ({', '.join(methods_in)}); budgets "
-         f"{', '.join(f'{b:,}' for b in budgets) or '-'}; seeds {','.join(map(str, seeds))}; {steps} steps, "
-         f"batch {batch_size}; results in {out / 'runs.sqlite'}")
-    out.mkdir(parents=True, exist_ok=True)
-    final_runs = plan.runs
-    search_result = None
-    ex = None
-    if runner is None:  # one set of workers for the search and the final runs (the model loads once)
-        from .executors import make_executor
+        if eval_data is not None and data is None:
+            raise ParetuneError("--eval-data needs --data (the training file).")
+        if data is not None and task is not None:
+            raise ParetuneError("give either --task NAME (a built-in task) or --data FILE (your own data), not both.")
+        tune = tuning.parse_tune(tune)
+        factors = tuple(tune_grid) if tune_grid is not None else tuning.DEFAULT_FACTORS
+        if quick and data is None:
+            model = model or (sweep.QUICK["model"] if task is None else None)
+            task = task or sweep.QUICK["task"]
+        if data is None and task is None:
+            raise ParetuneError("give --task NAME (a built-in task), --data FILE (your own data) or --quick.")
+        splits = None
+        if data is not None:
+            if not model:
+                raise ParetuneError("--data needs --model (a bundled name such as minilm-l6 / smollm2-135m, a local "
+                                    "folder or a Hub id).")
+            if out.exists() and not out.is_dir():
+                raise ParetuneError(f"--out {out} is a file; give a folder.")
+            held.enter_context(bench_lock(out))  # before the first write into out
+            splits = prepare_user_data(Path(data).resolve(), Path(eval_data).resolve() if eval_data else None, out)
+            task, kind = splits.name, splits.kind
+            echo(f"data: {splits.describe()}")
+        else:
+            t = get_task(task)
+            model = model or t.default_model
+            kind = t.kind
+        seeds = list(seeds) if seeds is not None else list((sweep.QUICK if quick else sweep.DEFAULTS)["seeds"])
+        steps = steps if steps is not None else (sweep.QUICK if quick else sweep.DEFAULTS)["steps"]
+        batch_size = batch_size if batch_size is not None else (sweep.QUICK if quick else sweep.DEFAULTS)["batch_size"]
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ParetuneError(f"--steps {steps!r} is invalid; give an integer >= 1.")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ParetuneError(f"--batch-size {batch_size!r} is invalid; give an integer >= 1.")
+        if lr is not None and not lr > 0:
+            raise ParetuneError(f"--lr {lr!r} is invalid; give a learning rate > 0.")
+        for b in budgets:
+            if b < 1:
+                raise ParetuneError(f"--budget {b} is invalid; give a number of trainable parameters >= 1.")
+        if tune_seeds is not None and not tune:
+            raise ParetuneError("--tune-seeds needs --tune lr.")
+        targets = parse_targets(targets)  # a bad --targets: a clear error before loading anything
+        names = sweep.resolve_methods(methods)  # unknown method: a clear error before loading anything
+        if baselines is None:
+            baselines = sweep.BASELINES
+        for b in baselines:
+            if b not in sweep.BASELINES:
+                raise ParetuneError(f"--baselines: unknown baseline {b!r}; choose from {', '.join(sweep.BASELINES)} "
+                                    "or 'none'.")
 
-        ex = make_executor(executor, workers, address)
-    with Store(out) as store, _closing(ex):
-        if tune:
-            if splits is None:
-                splits = prepare_task_search(task, out)
-            search = tuning.search_runs(plan.runs, splits, factors, tune_seeds)
-            echo(f"tune lr: {len(search)} search run(s): each configuration at its rate x "
-                 f"{', '.join(f'{f:g}' for f in factors)}, seed(s) {','.join(str(x) for x in sorted({r.seed for r in search}))}, "
-                 f"trained on {splits.counts['search_train']:,} rows, scored on the {splits.counts['val']:,}-row "
-                 "validation split")
-            search_result = sweep.run_sweep(search, store, out, runner=runner, progress=progress, executor=ex or executor)
-            keys = {r.key for r in search}
-            rows = [r for r in store.runs(phase="search") if r["key"] in keys]
-            choices = tuning.choose(rows, tuning.default_lrs(plan.runs))
-            for line in tuning.describe(choices):
-                echo(f"tune lr: {line}")
-            final_runs = tuning.apply(plan.runs, choices)
-        result = sweep.run_sweep(final_runs, store, out, runner=runner, progress=progress, executor=ex or executor)
-        runs = store.runs()
-    if search_result is not None:
-        result.search = search_result
-        result.failed = list(search_result.failed) + list(result.failed)
-    files = write_report(runs, out, model=model, task=task, notes=plan.notes)
-    _print_report(files, echo)
-    if result.failed:
-        echo(f"{len(result.failed)} run(s) failed (recorded in runs.sqlite; rerun the command to retry them):")
-        for spec, message in result.failed:
-            last = message.strip().splitlines()[-1] if message.strip() else message
-            echo(f"  {spec.label}: {last[:300]}")
-    return result, files
+        if data is None:  # with --data, taken before the split files were written
+            held.enter_context(bench_lock(out))
+        if net is None:
+            echo(f"loading {model} to match budgets...")
+            net = sweep.load_model_for(model, kind)
+        budgets = list(dict.fromkeys(budgets))
+        if not budgets:
+            budgets = _default_budgets(net, names, model, quick, targets)
+        plan = sweep.plan_runs(net, model=model, task=task, methods=names, budgets=budgets, seeds=seeds, steps=steps,
+                               batch_size=batch_size, lr=lr, targets=targets, baselines=baselines,
+                               max_eval=sweep.QUICK["max_eval"] if quick else None,
+                               head_lr=sweep.DEFAULT_LR["head"] if lr is None and kind == "classification" else None,
+                               data=splits.train if splits else None, eval_data=splits.test if splits else None,
+                               data_id=splits.data_id if splits else None)
+        del net
+        for note in plan.notes:
+            echo(f"note: {note}")
+        if not plan.runs:
+            raise ParetuneError("nothing to run: every method was skipped (see the notes above).")
+        methods_in = list(dict.fromkeys(r.method for r in plan.runs))
+        echo(f"bench: {model} on {task}; {len(plan.runs)} run(s) ({', '.join(methods_in)}); budgets "
+             f"{', '.join(f'{b:,}' for b in budgets) or '-'}; seeds {','.join(map(str, seeds))}; {steps} steps, "
+             f"batch {batch_size}; results in {out / 'runs.sqlite'}")
+        final_runs = plan.runs
+        search_result = None
+        ex = None
+        if runner is None:  # one set of workers for the search and the final runs (the model loads once)
+            from .executors import make_executor
+
+            ex = make_executor(executor, workers, address)
+        with Store(out) as store, _closing(ex):
+            if tune:
+                if splits is None:
+                    splits = prepare_task_search(task, out)
+                search = tuning.search_runs(plan.runs, splits, factors, tune_seeds)
+                echo(f"tune lr: {len(search)} search run(s): each configuration at its rate x "
+                     f"{', '.join(f'{f:g}' for f in factors)}, seed(s) {','.join(str(x) for x in sorted({r.seed for r in search}))}, "
+                     f"trained on {splits.counts['search_train']:,} rows, scored on the {splits.counts['val']:,}-row "
+                     "validation split")
+                search_result = sweep.run_sweep(search, store, out, runner=runner, progress=progress, executor=ex or executor)
+                keys = {r.key for r in search}
+                rows = [r for r in store.runs(phase="search") if r["key"] in keys]
+                choices = tuning.choose(rows, tuning.default_lrs(plan.runs))
+                for line in tuning.describe(choices):
+                    echo(f"tune lr: {line}")
+                final_runs = tuning.apply(plan.runs, choices)
+            result = sweep.run_sweep(final_runs, store, out, runner=runner, progress=progress, executor=ex or executor)
+            runs = store.runs()
+        if search_result is not None:
+            result.search = search_result
+            result.failed = list(search_result.failed) + list(result.failed)
+        files = write_report(runs, out, model=model, task=task, notes=plan.notes)
+        _print_report(files, echo)
+        if result.failed:
+            echo(f"{len(result.failed)} run(s) failed (recorded in runs.sqlite; rerun the command to retry them):")
+            for spec, message in result.failed:
+                last = message.strip().splitlines()[-1] if message.strip() else message
+                echo(f"  {spec.label}: {last[:300]}")
+        return result, files
 
 
 def _default_budgets(net, names: list[str], model: str, quick: bool, targets) -> list[int]:
@@ -205,7 +217,7 @@ def _default_budgets(net, names: list[str], model: str, quick: bool, targets) ->
         if m in sweep.BASELINES or not knob_of(registry.get(m)):
             continue
         try:
-            return budgets_for_knob_values(net, m, sweep.DEFAULTS["knob_values"], targets)
+            return budgets_for_knob_values(net, m, sweep.DEFAULTS["knob_values"], sweep.target_values(targets)[1])
         except ParetuneError:
             continue
     return []
@@ -285,8 +297,8 @@ def bench_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate for every run (default per method: "
                                        "adapters 2e-3, head 5e-3, full 1e-4)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size (quick: 16, else 32)"),
-    targets: Optional[str] = typer.Option(None, "--targets", help="comma list of module names/suffixes to adapt "
-                                          "(default all-linear)"),
+    targets: List[str] = typer.Option([], "--targets", help="module names/suffixes to adapt, repeatable and/or "
+                                      "comma-separated, or one re:PATTERN (default all-linear)"),
     baselines: str = typer.Option("head,full", "--baselines", help="baselines to run once per seed: head, full, "
                                   "or 'none'"),
     out: Path = typer.Option(Path("bench-out"), "--out", help="output folder: runs.sqlite, pareto.png, report.html"),
@@ -312,7 +324,7 @@ def bench_command(
             t_seeds = parse_seeds(tune_seeds)
         run_bench(
             quick=quick, model=model, task=task, methods=_split(methods), budgets=list(budget),
-            seeds=seed_list, steps=steps, lr=lr, batch_size=batch_size, targets=_split(targets),
+            seeds=seed_list, steps=steps, lr=lr, batch_size=batch_size, targets=targets or None,
             baselines=[] if baselines.strip().lower() in ("", "none") else _split(baselines),
             out=out, report_only=report_only, progress=sys.stderr.isatty(), data=data, eval_data=eval_data,
             tune=tune, tune_grid=parse_grid(tune_grid) if tune_grid is not None else None, tune_seeds=t_seeds,

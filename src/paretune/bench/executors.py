@@ -89,6 +89,7 @@ class WorkerProcess:
         env = dict(os.environ)
         env.update(self.env or {})
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PARETUNE_PARENT_PID"] = str(os.getpid())  # the worker exits when this process is gone
         src = str(Path(__file__).resolve().parents[2])  # the folder holding `paretune`, for the child
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ParetuneError
+from ..core.atomic import pid_alive
 
 SCHEMA_VERSION = 2
 PHASES = ("final", "search")
@@ -288,3 +289,68 @@ class Store:
         for row in self.conn.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status"):
             out[row["status"]] = row["n"]
         return out
+
+
+# -- one bench per folder -----------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+class BenchLocked(ParetuneError):
+    """Another bench holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def bench_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``OUT/.lock`` while a bench writes ``out``: a second bench on the same folder gets a
+    :class:`BenchLocked` error ("another bench is running in OUT (pid N)") instead of training the
+    same runs into the same folders.
+
+    Where ``fcntl`` exists (Linux, macOS) the lock is an exclusive ``flock`` on the file: the
+    operating system releases it when the holder exits or is killed (even by SIGKILL), so a stale
+    lock never blocks. The file also holds the holder's pid, for the message; the descriptor is not
+    inherited by the worker processes (Python opens files non-inheritable), so a leftover worker
+    cannot keep the folder locked. Elsewhere the file is a pid file created exclusively: a pid
+    that is no longer running is a stale lock and is taken over."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise BenchLocked(f"another bench is running in {out} (pid {holder}); wait for it to finish, "
+                                  "stop it, or give another --out.") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield path
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    while True:  # pragma: no cover - Windows
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and pid_alive(holder):
+                raise BenchLocked(f"another bench is running in {out} (pid {holder}); wait for it to finish, "
+                                  "stop it, or give another --out.") from None
+            path.unlink(missing_ok=True)  # stale: its bench is gone
+            continue
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        break
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -32,7 +32,9 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from ..cli_options import parse_targets
 from ..core import registry
+from ..core.inject import Targets
 from ..core.jsonfile import read_json
 from ..errors import ParetuneError, TargetError
 from ..training.trainer import BASELINES
@@ -167,14 +169,34 @@ def resolve_methods(methods: Sequence[str] | None) -> list[str]:
     return out
 
 
+def target_values(targets: Sequence[str] | str | None) -> tuple[tuple[str, ...] | None, Targets]:
+    """``targets`` as :func:`paretune.cli_options.parse_targets` returns them (None, a list of
+    names, ``"all-linear"`` or a regular expression without its ``re:``) -> (the ``--targets``
+    values of each run's `paretune train` command, the selection to count parameters with). A
+    list is first passed through ``parse_targets`` (comma-separated values are split)."""
+    if targets is None:
+        return None, None
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return ("all-linear",), "all-linear"
+        return ("re:" + targets,), targets
+    parsed = parse_targets(list(targets))
+    if parsed is None:
+        return None, None
+    if isinstance(parsed, str):
+        return target_values(parsed)
+    return tuple(parsed), list(parsed)
+
+
 def plan_runs(net: nn.Module, *, model: str, task: str, methods: Sequence[str] | None, budgets: Sequence[int],
               seeds: Sequence[int], steps: int, batch_size: int, lr: float | None = None,
-              targets: Sequence[str] | None = None, baselines: Sequence[str] = BASELINES,
+              targets: Sequence[str] | str | None = None, baselines: Sequence[str] = BASELINES,
               max_eval: int | None = None, head_lr: float | None = None, data: str | None = None,
               eval_data: str | None = None, data_id: str | None = None) -> Plan:
     """The run list: every method at every budget and seed, then the baselines once per seed.
     ``net`` is the model, used only to count parameters per method and budget. ``data`` /
-    ``eval_data`` / ``data_id``: the user's split files (see :class:`RunSpec`)."""
+    ``eval_data`` / ``data_id``: the user's split files (see :class:`RunSpec`). ``targets``: as
+    :func:`paretune.cli_options.parse_targets` returns them (see :func:`target_values`)."""
     if (data is None) != (eval_data is None):
         raise ParetuneError("plan_runs: give both data and eval_data, or neither.")
     files = {"data": str(data) if data is not None else None,
@@ -187,7 +209,7 @@ def plan_runs(net: nn.Module, *, model: str, task: str, methods: Sequence[str] |
             raise ParetuneError(f"unknown baseline {b!r}; the baselines are {', '.join(BASELINES)}.")
     if not budgets and any(knob_of(registry.get(m)) for m in adapters):
         raise ParetuneError("no budget given; pass --budget N (trainable parameters), repeatable.")
-    tgt = tuple(targets) if targets else None
+    tgt, count_targets = target_values(targets)
     runs: list[RunSpec] = []
     notes: list[str] = []
     seen: set[str] = set()
@@ -204,7 +226,7 @@ def plan_runs(net: nn.Module, *, model: str, task: str, methods: Sequence[str] |
         chosen: list[tuple[int | None, dict, int]] = []
         for budget in method_budgets:
             try:
-                match = plan_budget(net, method, budget, list(tgt) if tgt else None)
+                match = plan_budget(net, method, budget, count_targets)
             except TargetError as e:
                 notes.append(f"skipped {method}: it cannot adapt this model ({e})")
                 break
@@ -264,7 +286,26 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
         missing.append(name)
     if missing:
         raise ParetuneError(f"{path} lacks {', '.join(missing)}")
+    check_finite(metrics)
     return metrics
+
+
+def check_finite(metrics: dict[str, Any]) -> None:
+    """A run whose quality metric, or any numeric metric, is NaN or infinite (a diverged training:
+    NaN weights score at chance, or the loss is NaN) is a failed run, never a point of the Pareto
+    front: raise a ParetuneError naming the values."""
+    import math
+
+    bad = {k: v for k, v in metrics.items()
+           if isinstance(v, float) and not math.isfinite(v) and not isinstance(v, bool)}
+    name = metrics.get("metric")
+    value = metrics.get(name) if isinstance(name, str) else None
+    if isinstance(name, str) and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ParetuneError(f"the run's {name} is {value!r}, not a number; the run is counted as failed.")
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise ParetuneError(f"the training diverged: non-finite metrics ({shown}); the run is counted as failed. "
+                            "Rerun with a lower --lr.")
 
 
 def describe(spec: RunSpec, metrics: dict[str, Any], wall: float) -> str:

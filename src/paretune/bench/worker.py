@@ -388,11 +388,19 @@ class InProcessRunner:
 
 # -- the worker process ---------------------------------------------------------------------
 
+PARENT_ENV = "PARETUNE_PARENT_PID"
+
+
 def _die_with_parent() -> None:
     """Exit when the parent process dies (a watchdog thread polls the parent pid every 0.5 s).
+    ``PARETUNE_PARENT_PID`` (set by :class:`paretune.bench.executors.WorkerProcess`) closes the
+    gap before the thread starts: a worker whose parent is already gone exits at once.
     Not PR_SET_PDEATHSIG: it fires when the parent *thread* that started the worker ends, and the
     local executor starts workers from short-lived threads."""
     parent = os.getppid()
+    expected = os.environ.get(PARENT_ENV)
+    if expected and expected.isdigit() and int(expected) != parent:
+        os._exit(1)  # the bench died before this worker started watching
 
     def watch() -> None:
         while True:

@@ -35,6 +35,7 @@ from typing import Any, Iterator, List, Optional
 import typer
 
 from ..errors import ConfigError, ParetuneError
+from ..cli_options import parse_targets
 
 MAX_TOKENS = 2048
 DEFAULT_GROUP = 128
@@ -143,19 +144,6 @@ def calibration_texts(source: str, size: int) -> list[str]:
     return texts
 
 
-def _targets(values: list[str]) -> Any:
-    """None (the defaults), a regex (one value ``re:PATTERN``), or a list of names / suffixes."""
-    if not values:
-        return None
-    regex = [v for v in values if v.startswith("re:")]
-    if regex:
-        if len(values) > 1:
-            raise ConfigError("--targets re:PATTERN must be the only --targets value (one regular expression over "
-                              "whole module names).")
-        return regex[0][3:]
-    return list(values)
-
-
 def _suggest_group(model: Any, names: list[str], axis: str) -> int | None:
     """The largest of 128, 64, 32, 16, 8 that divides every named layer's grouped length."""
     from ..core.geometry import geometry_for
@@ -230,7 +218,7 @@ def compress_command(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="wanda's calibration text: a built-in "
                                               "task or a .txt (a line an example) / .jsonl / .csv file"),
     calibration_size: int = typer.Option(128, "--calibration-size", help="calibration examples used"),
-    targets: List[str] = typer.Option([], "--targets", help="module names / suffixes to compress (repeat the option), "
+    targets: List[str] = typer.Option([], "--targets", help="module names / suffixes to compress (repeated or comma-separated), "
                                       "or one re:REGEX; default every Linear but the output head"),
     dequantized: bool = typer.Option(False, "--dequantized", help="also write a float model.safetensors of the "
                                      "quantised weights that transformers reads"),
@@ -239,7 +227,7 @@ def compress_command(
 ) -> None:
     """Prune and/or quantise a model and write it as a compressed folder (with its tokenizer)."""
     group = _check_options(quantize_bits, group_size, axis, prune_sparsity, prune_method, calibration, calibration_size)
-    tg = _targets(targets)
+    tg = parse_targets(targets)
     _check_out(out, model, overwrite)
     _check_model_source(model)
     texts = calibration_texts(calibration, calibration_size) if calibration is not None else None

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+
+
+def _is_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -22,7 +30,17 @@ class AdapterConfig:
     INIT_ONLY: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        self._all_finite()
         self.validate()
+
+    def _all_finite(self) -> None:
+        """Refuse an infinite or NaN number in any option, before the method's own checks: no
+        method has an option where inf or NaN means something (they only turn every output into
+        NaN), so this one check covers options a method's ``validate`` forgot."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                self._require(False, f.name, v, "it must be a finite number")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for an option out of range. Subclasses extend this."""
@@ -36,14 +54,20 @@ class AdapterConfig:
         v = getattr(self, option)
         self._require(isinstance(v, int) and not isinstance(v, bool) and v > 0, option, v, "it must be an integer >= 1")
 
-    def _non_negative(self, option: str) -> None:
+    def _number(self, option: str) -> None:
+        """Any finite number (int or float, not bool; inf and NaN refused)."""
         v = getattr(self, option)
-        self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, option, v, "it must be a number >= 0")
+        self._require(_is_number(v), option, v, "it must be a finite number")
+
+    def _non_negative(self, option: str) -> None:
+        """A finite number >= 0 (inf and NaN refused)."""
+        v = getattr(self, option)
+        self._require(_is_number(v) and v >= 0, option, v, "it must be a finite number >= 0")
 
     def _probability(self, option: str) -> None:
         """A dropout-like rate in [0, 1)."""
         v = getattr(self, option)
-        self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, option, v,
+        self._require(_is_number(v) and 0 <= v < 1, option, v,
                       "it must be in [0, 1)")
 
     def _count_or_fraction(self) -> None:
@@ -54,7 +78,7 @@ class AdapterConfig:
             self._positive_int("count")
         if self.fraction is not None:
             v = self.fraction
-            self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "fraction", v,
+            self._require(_is_number(v) and 0 < v <= 1, "fraction", v,
                           "it must be in (0, 1]")
 
     def _seed(self, option: str = "seed") -> None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from typing import Iterator, Sequence, Union
 
+import torch
 from torch import nn
 
 from ..errors import TargetError
 from .geometry import geometry_for
 from .host import BlockHost, Host
-from .state import ModelState
+from .state import ModelState, has_state, state_of
 
 Targets = Union[str, Sequence[str], None]
 LINEAR_KINDS = ("linear", "conv1d")
@@ -100,6 +102,64 @@ def _candidates_text(names: list[str], limit: int = 40) -> str:
     return f"module names: {shown}; suffixes: {', '.join(suffixes)}"
 
 
+def base_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter of the base module behind ``module``: a host stands for
+    the module it wraps (its adapters' tensors are not the base's), also for hosts nested inside a
+    block host."""
+    if isinstance(module, Host):
+        module = module.base
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield f"{prefix}{name}", p
+    for child_name, child in module._modules.items():
+        if child is not None:
+            yield from base_tensors(child, f"{prefix}{child_name}.")
+
+
+_CHUNK = 1 << 24  # bytes copied to the CPU and hashed at a time (16 MiB), so a GPU weight is streamed
+
+
+@torch.no_grad()
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 of the base weights of ``module`` (every parameter of the module a host wraps, in
+    order, each as its name, dtype, shape and raw bytes). The bytes are hashed as stored: the same
+    weights in another dtype give another hash. A tensor on an accelerator is copied to the CPU in
+    16 MiB pieces, so no second copy of a large weight is made."""
+    h = hashlib.sha256()
+    for name, t in base_tensors(module):
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        flat = t.detach().reshape(-1).view(torch.uint8) if t.numel() else None
+        if flat is None:
+            continue
+        for start in range(0, flat.numel(), _CHUNK):
+            piece = flat[start:start + _CHUNK]
+            h.update(memoryview(piece.cpu().contiguous().numpy()))
+    return h.hexdigest()
+
+
+def _snapshot_base(model: nn.Module, names: list[str], method: str) -> None:
+    """For a method that changes the base weights when built (``shifts_base``, PiSSA), record the
+    SHA-256 of each target's base weights on the model's state before it does, so that a saved
+    adapter's fingerprint names the weights it was built on exactly (the residual moved back in
+    is not bit-for-bit the original)."""
+    from . import registry  # the registry imports nothing of the engine at import time
+
+    if not method or not has_state(model):
+        return
+    try:
+        spec = registry.get(method)
+    except Exception:
+        return
+    if not spec.delta_cls.shifts_base:
+        return
+    st = state_of(model)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, Host) and any(d.shifts_base and n not in module.merged for n, d in module.deltas.items()):
+            continue  # already shifted by an earlier adapter: its snapshot holds the original
+        st.base_sha256[name] = weights_sha256(module)
+
+
 def match_targets(model: nn.Module, targets: Targets, kinds: Sequence[str], method: str = "") -> list[str]:
     """Names of the modules ``targets`` selects among those of a kind the method supports.
 
@@ -107,7 +167,17 @@ def match_targets(model: nn.Module, targets: Targets, kinds: Sequence[str], meth
     * a string: a regular expression that must match the whole module name;
     * a list of strings: exact module names or name suffixes (``"q_proj"`` matches
       ``model.layers.0.self_attn.q_proj``).
+
+    For a registered ``method`` that changes the base weights when built (PiSSA), the SHA-256 of
+    each chosen module's base weights is recorded on the model's adapter state (when it has one)
+    before that happens; see :func:`weights_sha256`.
     """
+    chosen = _match(model, targets, kinds, method)
+    _snapshot_base(model, chosen, method)
+    return chosen
+
+
+def _match(model: nn.Module, targets: Targets, kinds: Sequence[str], method: str = "") -> list[str]:
     modules = list(iter_modules(model))
     supported = [(n, m) for n, m in modules if n and kind_of(m) in kinds]
     supported_names = [n for n, _ in supported]

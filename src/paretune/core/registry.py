@@ -31,6 +31,15 @@ class MethodSpec:
     formula: str  # trainable parameters of one adapted (d_out x d_in) layer, as text
     kinds: tuple[str, ...]  # host kinds it supports: linear, conv1d, embedding, conv2d, norm, block
     default_targets: Callable[..., Any] | None = None  # (model[, config]) -> its targets when adapt gets none
+    # True, or a function of the config, when the saved tensors do not determine ΔW alone (it
+    # depends on the base weights): loading onto other base weights is then refused
+    base_dependent: bool | Callable[["AdapterConfig"], bool] = False
+
+    def depends_on_base_weights(self, config: "AdapterConfig") -> bool:
+        """Whether an adapter of this method with ``config`` changes meaning on other base weights
+        of the same shapes (see :func:`register`'s ``base_dependent``)."""
+        flag = self.base_dependent
+        return bool(flag(config) if callable(flag) else flag)
 
     def targets_for(self, model: Any, targets: Any, config: "AdapterConfig | None" = None) -> Any:
         """``targets``, or the method's default targets for ``model`` (and ``config``, for a method
@@ -51,12 +60,22 @@ _METHODS: dict[str, MethodSpec] = {}
 def register(
     name: str, *, config: type["AdapterConfig"], summary: str, formula: str, kinds: tuple[str, ...] = ALL_KINDS,
     default_targets: Callable[..., Any] | None = None,
+    base_dependent: bool | Callable[["AdapterConfig"], bool] | None = None,
 ) -> Callable[[type["Delta"]], type["Delta"]]:
     """Class decorator registering a Delta class and its config dataclass under ``name``.
 
     ``default_targets(model)`` or ``default_targets(model, config)``: the targets
     ``paretune.adapt`` uses when given none (e.g. IA3's keys, values and feed-forward layers of the
     model's architecture, an adapter's placement); without it, "all-linear".
+
+    ``base_dependent``: whether the adapter's saved tensors fail to determine its ΔW alone, so that
+    on a base with other weights (same shapes) it would silently be another adapter; True, False,
+    or a function of the config (for a method where only some options read the base). ``None``
+    (the default) derives it from the class: True for a delta that changes the base when built
+    (``shifts_base``: PiSSA's residual is recomputed from the base on load) or whose ΔW is a
+    function of W (``depends_on_base``: Hydra's W_s·W₀, IA3's (l − 1)·W). ``paretune.load`` refuses
+    such an adapter on base weights whose SHA-256 differs from the saved one, and only warns for the
+    others.
 
     Refused with a clear error: a name taken by another class, an unknown host kind, and a class
     declared ``mergeable`` (the default) that does not implement ``delta_weight``."""
@@ -75,7 +94,8 @@ def register(
             )
         config.method = name
         cls.method = name
-        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, tuple(kinds), default_targets)
+        dependent = (cls.shifts_base or cls.depends_on_base) if base_dependent is None else base_dependent
+        _METHODS[name] = MethodSpec(name, config, cls, summary, formula, tuple(kinds), default_targets, dependent)
         return cls
 
     return deco

@@ -4,6 +4,7 @@ and which are merged. This is the one place that state lives; hosts read it from
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from torch import nn
 
@@ -11,6 +12,13 @@ from ..errors import ParetuneError
 from .config import AdapterConfig
 
 ATTR = "_paretune"
+
+# Callbacks run when a model gets its first adapter state (``on_attach``) and when the state is
+# dropped (``on_detach``: unload, or removing the last adapter). A layer above the core registers
+# them (the transformers integration, :mod:`paretune.hf`, installs its save_pretrained there), so
+# the core itself knows nothing of that layer.
+on_attach: list[Callable[[nn.Module], None]] = []
+on_detach: list[Callable[[nn.Module], None]] = []
 
 
 @dataclasses.dataclass
@@ -47,6 +55,9 @@ class ModelState:
     merged: tuple[str, ...] = ()
     version: int = 0
     weights: dict[str, float] = dataclasses.field(default_factory=dict)  # active adapters' weights other than 1
+    # SHA-256 of a module's base weights taken just before an adapter that changes them when built
+    # (PiSSA's residual) was added, so that a saved fingerprint names the original weights exactly
+    base_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def set_active(self, names: list[str] | tuple[str, ...], weights: dict[str, float] | None = None) -> None:
         """``weights``: the new weights (missing names: 1); None keeps the current ones of the
@@ -82,6 +93,8 @@ def state_of(model: nn.Module, create: bool = False) -> ModelState:
             )
         st = ModelState()
         model.__dict__[ATTR] = st
+        for callback in on_attach:
+            callback(model)
     return st
 
 
@@ -99,4 +112,6 @@ def record_of(model: nn.Module, name: str) -> AdapterRecord:
 
 
 def drop_state(model: nn.Module) -> None:
-    model.__dict__.pop(ATTR, None)
+    if model.__dict__.pop(ATTR, None) is not None:
+        for callback in on_detach:
+            callback(model)

@@ -96,7 +96,6 @@ def merge_adapters(
     ``seconds``.
     """
     from .. import api
-    from ..core import registry
     from ..core.inject import hosts
     from ..core.state import has_state, state_of
 

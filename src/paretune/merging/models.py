@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..errors import ConfigError, ParetuneError
+from ..core.atomic import pid_alive
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -535,16 +536,6 @@ def _check_compatible(base: Checkpoint, others: list[Checkpoint]) -> None:
 
 # -- leftovers of killed merges ---------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temp(out: Path) -> list[Path]:
     """Remove temporary folders (``.<name>.tmp-*`` beside ``out``) left by merges to ``out``
     whose process no longer runs (killed with SIGKILL, or the machine stopped). Returns them."""
@@ -557,7 +548,7 @@ def remove_stale_temp(out: Path) -> list[Path]:
             pid = int(marker.read_text().strip())
         except (OSError, ValueError):
             continue  # not ours, or still being created
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

@@ -62,8 +62,7 @@ class HydraConfig(AdapterConfig):
 
     def validate(self) -> None:
         self._positive_int("r")
-        self._require(isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool), "scale",
-                      self.scale, "it must be a number")
+        self._number("scale")  # finite: inf or NaN would make every output NaN
         self._probability("dropout")
         self._flag("bias")
 

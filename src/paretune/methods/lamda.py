@@ -181,6 +181,9 @@ def energy_ranks(spectra: list[torch.Tensor], r: int, caps: list[int]) -> list[i
             "init and schedule of the public code (or SVD init, linear schedule); LaMDA++ rank allocation",
     formula="r·d_out + r² (B's columns stop moving as they freeze)",
     kinds=("linear", "conv1d"),
+    # the SVD init and LaMDA++'s energy-based ranks are computed from W: the saved tensors alone do
+    # not give the adapter's ΔW on another base (the reference init draws A from the seed and does)
+    base_dependent=lambda c: c.init == "svd" or c.rank_allocation == "energy",
 )
 class LamdaDelta(LowRankDelta):
     @classmethod

@@ -15,6 +15,19 @@ Choices, stated:
   schedules: rank growth, freezing, alternation) while the step's gradients are still there, then
   the caller's ``on_step(step, model, optimizer)``. Parameters that appear in a hook (rank growth)
   join the optimizer as a new parameter group at the adapters' learning rate (one process only).
+* Divergence: a non-finite training loss (task or auxiliary) or gradient norm stops the run
+  with :class:`~paretune.errors.DivergedError` before the optimizer applies that step (so the
+  last checkpoint stays finite), and so does a non-finite trained tensor or held-out metric at
+  the end. The gradient norm is always computed (clipping at ``max_grad_norm``; with
+  ``max_grad_norm=0`` the norm is computed and the gradients are left as they are).
+* Resume: a checkpoint records the run's options (method, options, targets, name, lr, head_lr,
+  batch_size, grad_accum, weight_decay, warmup, schedule, max_grad_norm, max_length, seed,
+  train_head, bitnet, bitnet_targets, the model's class and a hash of the encoded training
+  data); resuming with any of them changed is refused naming them. ``steps`` may be raised (the
+  lr schedule and the adapters' schedules then follow the new total) but not set below the
+  checkpoint's step. The number of processes and the mixed precision may differ.
+* Held-out evaluation every ``eval_every`` steps (0: only at the end): ``metrics["eval_history"]``
+  lists ``{"step", "eval_loss", metric}`` for each, the final evaluation included.
 * Auxiliary losses: after each forward pass, the active adapters' ``aux_loss()`` (a router's load
   balance, an orthogonality penalty) are added to the task loss, averaged over micro-batches and
   processes; their value per step is ``TrainResult.aux_history`` and ``metrics["aux_loss"]``.
@@ -23,6 +36,8 @@ Choices, stated:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import resource
 import sys
@@ -36,10 +51,10 @@ from torch import nn
 from ..api import adapt
 from ..core.delta import Delta
 from ..core.inject import hosts, output_head_names
-from ..data.examples import Dataset, load_data
-from ..errors import ParetuneError
+from ..data.examples import load_data
+from ..errors import ConfigError, DivergedError, ParetuneError
 from .batching import Encoded, collate, encode, summed_loss
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import fingerprint, has_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import lr_factor
 
 BASELINES = ("head", "full")  # the task head alone, full fine-tuning; the bench runs and lists them in this order
@@ -121,11 +136,32 @@ def _adopt_new_parameters(model: nn.Module, optimizer, params: list, lr: float, 
     params.extend(new)
 
 
-def _check(steps: int, lr: float, batch_size: int, grad_accum: int, world: int) -> None:
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(steps: int, lr: float, batch_size: int, grad_accum: int, world: int, *, weight_decay: float = 0.0,
+           warmup: float = 0.0, schedule: str = "linear", max_grad_norm: float = 0.0, eval_every: int = 0,
+           head_lr: float | None = None) -> None:
+    """Refuse run options out of range (every number must be finite) before any work."""
+    from .schedule import SCHEDULES
+
     if not (isinstance(steps, int) and steps >= 1):
         raise ParetuneError(f"steps={steps!r}: give an integer >= 1.")
-    if not lr > 0:
-        raise ParetuneError(f"lr={lr!r}: give a learning rate > 0.")
+    if not (_finite(lr) and lr > 0):
+        raise ConfigError(f"lr={lr!r}: give a finite learning rate > 0 (e.g. 1e-3).")
+    if head_lr is not None and not (_finite(head_lr) and head_lr > 0):
+        raise ConfigError(f"head_lr={head_lr!r}: give a finite learning rate > 0.")
+    if not (_finite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay={weight_decay!r}: give a finite number >= 0.")
+    if not (_finite(warmup) and warmup >= 0):
+        raise ConfigError(f"warmup={warmup!r}: give a fraction of the steps in [0, 1) or a number of steps >= 1.")
+    if not (_finite(max_grad_norm) and max_grad_norm >= 0):
+        raise ConfigError(f"max_grad_norm={max_grad_norm!r}: give a finite number >= 0 (0: no clipping).")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    if not (isinstance(eval_every, int) and not isinstance(eval_every, bool) and eval_every >= 0):
+        raise ConfigError(f"eval_every={eval_every!r}: give an integer >= 0 (0: evaluate only at the end).")
     if not (isinstance(batch_size, int) and batch_size >= 1 and grad_accum >= 1):
         raise ParetuneError(f"batch_size={batch_size!r}, grad_accum={grad_accum!r}: give integers >= 1.")
     if batch_size % (world * grad_accum):
@@ -133,6 +169,28 @@ def _check(steps: int, lr: float, batch_size: int, grad_accum: int, world: int) 
             f"batch_size={batch_size} must divide evenly over {world} process(es) x grad_accum={grad_accum}; "
             f"use a multiple of {world * grad_accum}."
         )
+
+
+def _data_hash(enc: Encoded) -> str:
+    """A short SHA-256 of the encoded training data (token ids, labels, prompt lengths)."""
+    text = json.dumps([enc.kind, enc.ids, enc.labels, enc.prompt_lens, enc.label_names])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_finite(step: int, loss: float, aux: float, grad_norm: float, lr: float) -> None:
+    """DivergedError when the step's loss, auxiliary loss or gradient norm is inf or NaN."""
+    for what, v in (("loss", loss), ("auxiliary loss", aux), ("gradient norm", grad_norm)):
+        if not math.isfinite(v):
+            raise DivergedError(f"step {step}: the {what} is {v} (training diverged); nothing of this step was "
+                                f"applied or saved. Train again with a lower learning rate (--lr) than {lr:g}.")
+
+
+def _check_metrics(step: int, metrics: dict[str, float], lr: float) -> None:
+    """DivergedError when a held-out metric is inf or NaN."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise DivergedError(f"step {step}: held-out {', '.join(f'{k}={v}' for k, v in bad.items())} (training "
+                            f"diverged). Train again with a lower learning rate (--lr) than {lr:g}.")
 
 
 class _EpochOrder:
@@ -155,16 +213,19 @@ class _EpochOrder:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, enc: Encoded, pad_id: int, device: torch.device, batch_size: int = 64,
-             autocast: Callable | None = None) -> dict[str, float]:
+             autocast: Callable | None = None, progress: bool = False) -> dict[str, float]:
     """Held-out loss (mean per unit) and the task metric: accuracy (classification) or exact
     match of the whole completion under greedy decoding (generation; computed in one forward
     pass: greedy decoding reproduces the completion iff every completion token is the argmax
-    given the true prefix)."""
+    given the true prefix). ``progress`` shows a bar over the evaluation batches."""
+    from ..progress import bar
+
     was_training = model.training
     model.eval()
     total_loss, units, right = 0.0, 0, 0
+    starts = range(0, len(enc), batch_size)
     try:
-        for start in range(0, len(enc), batch_size):
+        for start in bar(starts, desc="evaluate", unit="batch", leave=False, enabled=progress):
             rows = list(range(start, min(start + batch_size, len(enc))))
             batch = collate(enc, rows, pad_id, device)
             with autocast() if autocast else nullcontext():
@@ -202,6 +263,7 @@ def train(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    eval_every: int = 0,
     mixed_precision: str = "auto",
     train_head: bool | str = "auto",
     head_lr: float | None = None,
@@ -224,8 +286,12 @@ def train(
     weights, 8-bit activations, straight-through gradients) in place of the Linears of
     ``bitnet_targets`` (default every Linear but the output head), usually with ``method="full"`` as
     the paper trains the whole model; :func:`paretune.compress.freeze_ternary` stores the result.
+    ``eval_every=N`` also evaluates on ``eval_data`` every N steps (``metrics["eval_history"]``).
+    ``checkpoint_dir`` / ``checkpoint_every`` / ``resume``: see the module docstring (a resumed
+    run equals an uninterrupted one bit for bit).
     Returns a :class:`TrainResult` whose ``metrics`` hold train_seconds, peak_memory_bytes,
-    train_loss, eval_loss and the task metric.
+    train_loss, eval_loss and the task metric. Raises :class:`~paretune.errors.DivergedError`
+    when the loss, the gradient norm or a trained tensor becomes non-finite.
     """
     from accelerate import Accelerator
 
@@ -234,7 +300,8 @@ def train(
         mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     acc = Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
     world, rank = acc.num_processes, acc.process_index
-    _check(steps, lr, batch_size, grad_accum, world)
+    _check(steps, lr, batch_size, grad_accum, world, weight_decay=weight_decay, warmup=warmup, schedule=schedule,
+           max_grad_norm=max_grad_norm, eval_every=eval_every, head_lr=head_lr)
     train_ds = load_data(train_data)
     eval_ds = load_data(eval_data, kind=train_ds.kind) if eval_data is not None else None
     if tokenizer is None:
@@ -262,10 +329,16 @@ def train(
         raise ParetuneError("nothing to train: no parameter requires grad. Adapt the model or pass method=.")
     optimizer = torch.optim.AdamW(_param_groups(model, params, lr, head_lr), lr=lr, weight_decay=weight_decay)
     model.train()
-    start_step, history, aux_history = 0, [], []
+    start_step, history, aux_history, eval_history = 0, [], [], []
+    run = fingerprint(method=method, options=dict(options or {}), targets=targets, name=name, lr=lr, head_lr=head_lr,
+                      batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay, warmup=warmup,
+                      schedule=schedule, max_grad_norm=max_grad_norm, max_length=max_length, seed=seed,
+                      train_head=train_head, bitnet=bitnet, bitnet_targets=bitnet_targets,
+                      model=type(model).__name__, data=_data_hash(enc))
     if resume and checkpoint_dir and has_checkpoint(checkpoint_dir):
-        state = load_checkpoint(checkpoint_dir, model, optimizer)
+        state = load_checkpoint(checkpoint_dir, model, optimizer, run=run, steps=steps)
         start_step, history, aux_history = state["step"], state["history"], state.get("aux_history", [])
+        eval_history = state.get("eval_history", [])
         params = [p for g in optimizer.param_groups for p in g["params"]]  # with any grown ones
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
@@ -280,10 +353,12 @@ def train(
     micro = per_rank // grad_accum
     warmup_steps = int(math.ceil(warmup * steps)) if warmup < 1 else int(warmup)
     bar = None
-    if progress and acc.is_main_process:
-        from tqdm.auto import tqdm
+    show = progress and acc.is_main_process
+    if show:
+        from ..progress import bar as progress_bar
 
-        bar = tqdm(total=steps, initial=start_step, desc=f"train {method or 'model'}", unit="step", leave=False)
+        bar = progress_bar(total=steps, desc=f"train {method or 'model'}", unit="step", leave=True)
+        bar.update(start_step)
     t0 = time.perf_counter()
     for step in range(start_step, steps):
         rows = order.rows(step, batch_size)
@@ -305,16 +380,17 @@ def train(
                     step_aux += float(aux.detach()) / grad_accum
             acc.backward(loss)
             step_loss += float(loss_sum.detach()) / units
-        if max_grad_norm and max_grad_norm > 0:
-            acc.clip_grad_norm_(params, max_grad_norm)
+        # max_norm inf: the norm alone (the gradients are multiplied by exactly 1.0)
+        norm = acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        if world > 1:
+            t = torch.tensor([step_loss, step_aux / world], device=acc.device)
+            step_loss, step_aux = (float(v) for v in acc.reduce(t, reduction="sum"))
+        _check_finite(step + 1, step_loss, step_aux, float(norm) if norm is not None else 0.0, lr)
         optimizer.step()
         for d in deltas:
             d.on_step(step + 1, steps)
         _adopt_new_parameters(raw, optimizer, params, lr, world)
         optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            t = torch.tensor([step_loss, step_aux / world], device=acc.device)
-            step_loss, step_aux = (float(v) for v in acc.reduce(t, reduction="sum"))
         history.append(step_loss)
         if any(type(d).aux_loss is not Delta.aux_loss for d in deltas):
             aux_history.append(step_aux)
@@ -323,13 +399,24 @@ def train(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
+        if enc_eval is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            row = evaluate(raw, enc_eval, pad_id, acc.device, eval_batch_size, acc.autocast, progress=show)
+            _check_metrics(step + 1, row, lr)
+            eval_history.append({"step": step + 1, **row})
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.4f}" for k, v in row.items()})
         if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(checkpoint_dir, raw, optimizer, step + 1, history, aux_history)
+                save_checkpoint(checkpoint_dir, raw, optimizer, step + 1, history, aux_history, run=run,
+                                eval_history=eval_history)
     train_seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    for n, p in raw.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            raise DivergedError(f"after {steps} steps {n} holds non-finite values (inf or NaN): training diverged. "
+                                f"Train again with a lower learning rate (--lr) than {lr:g}.")
     metrics: dict[str, Any] = {
         "steps": steps,
         "train_loss": sum(history[-10:]) / max(1, len(history[-10:])),
@@ -344,6 +431,10 @@ def train(
     if aux_history:
         metrics["aux_loss"] = sum(aux_history[-10:]) / len(aux_history[-10:])
     if enc_eval is not None:
-        metrics.update(evaluate(raw, enc_eval, pad_id, acc.device, eval_batch_size, acc.autocast))
+        final = evaluate(raw, enc_eval, pad_id, acc.device, eval_batch_size, acc.autocast, progress=show)
+        _check_metrics(steps, final, lr)
+        metrics.update(final)
         metrics["metric"] = "accuracy" if enc.kind == "classification" else "exact_match"
+        if eval_every:
+            metrics["eval_history"] = [*eval_history, {"step": steps, **final}]
     return TrainResult(metrics, history, raw, aux_history)
