@@ -486,9 +486,26 @@ def _split_by_module(tensors: dict[str, torch.Tensor], targets: list[str], path:
     return per_module
 
 
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """The local folder of an adapter: ``path`` itself when it exists or looks like a path (then
+    :func:`read_meta` says what is wrong with it), else a Hugging Face Hub id fetched as
+    transformers fetches models (:func:`paretune.hub.resolve_adapter`: ``paretune.json`` and the
+    tensor files only; offline without a cached copy is a clear error)."""
+    from .core.atomic import recover
+    from .hub import resolve_adapter
+    from .models import _looks_local
+
+    local = Path(os.path.expanduser(os.fspath(path)))
+    recover(local)
+    if local.exists() or _looks_local(os.fspath(path)):
+        return local
+    return resolve_adapter(path, [CONFIG_FILE, WEIGHTS_FILE, HEAD_FILE], f"paretune adapter folder (with {CONFIG_FILE})")
+
+
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, trainable: bool = False,
          check_base: bool = True, verify: bool = True) -> nn.Module:
-    """Add the adapter saved in folder ``path`` to ``model`` (in place) and return the model.
+    """Add the adapter saved in folder ``path`` (or on the Hugging Face Hub under that id) to
+    ``model`` (in place) and return the model.
 
     ``name`` defaults to the saved name. The adapter is active; its parameters are trainable only
     with ``trainable=True``. A saved task head (``heads`` in ``paretune.json``) is copied into the
@@ -499,6 +516,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     saved is refused (:func:`verify_checksums`); ``verify=False`` loads it as it is.
     """
 
+    path = adapter_folder(path)  # a Hugging Face Hub id works too
     meta = read_meta(path)
     tensors = read_tensors(path)
     heads = read_heads(path, meta)
@@ -538,6 +556,7 @@ def hot_swap(model: nn.Module, path: str | os.PathLike, name: str = "default", *
     clear error and nothing changes. The base weights and checksums are compared as by :func:`load`
     (``check_base=False``, ``verify=False`` skip them); a saved task head is not swapped."""
     rec = record_of(model, name)
+    path = adapter_folder(path)
     meta = read_meta(path)
     tensors = read_tensors(path)
     if verify:

@@ -45,6 +45,7 @@ from .core.host import Host
 from .core.jsonfile import read_json
 from .core.state import record_of, state_of
 from .errors import AdapterFileError
+from .hub import resolve_adapter
 from .peft_formats import lokr, lora, randlora, vera
 from .peft_formats.common import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
 
@@ -194,33 +195,9 @@ def export_peft(
 # -- import ------------------------------------------------------------------------------------
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A local folder as it is; otherwise a Hugging Face Hub id, downloaded (config and weights only)
-    with ``huggingface_hub.snapshot_download``, which follows the same rules as transformers
-    (``HF_HUB_OFFLINE``, ``HF_HOME``, the cache); its errors become an :class:`AdapterFileError`
-    naming the id."""
-    local = Path(os.path.expanduser(os.fspath(path)))
-    if local.exists():
-        if not local.is_dir():
-            raise AdapterFileError(f"{local} is a file; give a PEFT adapter folder (with {PEFT_CONFIG}).")
-        return local
-    from .models import _looks_local
-
-    text = os.fspath(path)
-    if _looks_local(text):
-        raise AdapterFileError(f"{text} does not exist; give a PEFT adapter folder or a Hugging Face Hub id "
-                               "(user/adapter).")
-    try:
-        from huggingface_hub import snapshot_download
-
-        got = snapshot_download(text, allow_patterns=[PEFT_CONFIG, PEFT_WEIGHTS])
-    except Exception as e:  # the hub library's own errors (offline, not found, gated, network) all end here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        hint = (" HF_HUB_OFFLINE is set, so only adapters already in the Hugging Face cache can be used."
-                if offline else " Check the id and your network, or download the folder and give its path.")
-        raise AdapterFileError(f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-                               f"({type(e).__name__}: {first}).{hint}") from None
-    return Path(got)
+    """A local PEFT adapter folder as it is; otherwise a Hugging Face Hub id, downloaded (config and
+    weights only) as :func:`paretune.hub.resolve_adapter` does."""
+    return resolve_adapter(path, [PEFT_CONFIG, PEFT_WEIGHTS], f"PEFT adapter folder (with {PEFT_CONFIG})")
 
 
 def read_peft(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -373,3 +373,37 @@ def test_changed_bytes_or_options_after_saving_are_refused(make_llama, tmp_path)
         paretune.load(make_llama(), out2)
     loaded = paretune.load(make_llama(), out2, verify=False)
     assert paretune.adapters(loaded)["default"].config.alpha == meta["config"]["alpha"]
+
+
+def test_a_hub_id_offline_is_a_clear_error_and_a_local_name_never_reaches_the_hub(make_llama, monkeypatch, tmp_path):
+    """paretune.load takes a Hub id as transformers does; offline and not cached, the error names the
+    id and HF_HUB_OFFLINE. A missing path that looks local is reported as such, without the Hub."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(AdapterFileError, match="someone/no-such-adapter.*HF_HUB_OFFLINE"):
+        paretune.load(make_llama(), "someone/no-such-adapter")
+    with pytest.raises(AdapterFileError, match="not an adapter folder"):
+        paretune.load(make_llama(), str(tmp_path / "nowhere"))
+
+
+def test_a_hub_id_is_read_from_the_downloaded_snapshot(make_llama, monkeypatch, tmp_path):
+    """What snapshot_download returns is loaded like a local folder (the download itself is
+    huggingface_hub's; no network here, so it is replaced by a copy into the cache)."""
+    import huggingface_hub
+
+    model = make_llama()
+    paretune.adapt(model, "lora", targets=["q_proj"], r=2)
+    saved = paretune.save(model, tmp_path / "a")
+    asked = {}
+
+    def fake_snapshot(repo_id, allow_patterns=None, **_):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(saved)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    fresh = paretune.load(make_llama(), "someone/adapter")
+    assert asked == {"repo_id": "someone/adapter", "patterns": ["paretune.json", "adapter.safetensors", "head.safetensors"]}
+    assert list(paretune.adapters(fresh)) == ["default"]
