@@ -376,7 +376,7 @@ def run_sweep(runs: Sequence[RunSpec], store: Store, out: str | os.PathLike, *,
     the caller's next sweep and to close; closed if the sweep is interrupted). Only this process writes the
     store and the run folders' metrics.json. Interrupting (Ctrl-C) kills the workers, leaves every
     finished run finished and the runs in flight ``running`` (the next sweep redoes them)."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     out = Path(out)
     env = env if env is not None else environment()
@@ -384,8 +384,8 @@ def run_sweep(runs: Sequence[RunSpec], store: Store, out: str | os.PathLike, *,
     planned = [(spec, *store.plan(spec)) for spec in runs]
     todo = [(spec, run_id) for spec, run_id, status in planned if status != "finished"]
     result.skipped = len(planned) - len(todo)
-    bar = tqdm(total=len(todo), unit="run", desc="bench", disable=not progress, file=sys.stderr)
-    say = log or (lambda line: tqdm.write(line, file=sys.stdout))
+    bar = progress_bar(total=len(todo), unit="run", desc="bench", enabled=progress)
+    say = log or (lambda line: bar.write(line, file=sys.stdout))
     if result.skipped:
         say(f"{result.skipped} run(s) already finished in {store.path}; not redone")
     try:

@@ -317,10 +317,10 @@ def glowq(model: nn.Module, bits: int = 4, rank: int = 16, group_size: int | Non
                           f"{' ...' if len(too_big) > 6 else ''}; choose a smaller rank or leave those layers out "
                           "of targets.")
 
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     built = []  # (members, [QuantizedLinear], R, [L_i], stats)
-    for members in tqdm(groups, desc=f"glowq {bits}-bit r={rank}", unit="group", disable=not progress, leave=False):
+    for members in progress_bar(groups, desc=f"glowq {bits}-bit r={rank}", unit="group", enabled=progress, leave=False):
         modules = [model.get_submodule(n) for n in members]
         quants = []
         for n, m in zip(members, modules):

@@ -162,9 +162,9 @@ def iterative_magnitude_pruning(
     rewind_state: dict[str, torch.Tensor] | None = theta0 if rewind in ("init", 0) else None
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import bar as progress_bar
 
-        bar = tqdm(total=rounds + 1, desc=f"lottery (rewind={rewind})", unit="round", leave=False)
+        bar = progress_bar(total=rounds + 1, desc=f"lottery (rewind={rewind})", unit="round", leave=False)
     results: list[RoundResult] = []
     for r in range(rounds + 1):
         t0 = time.perf_counter()

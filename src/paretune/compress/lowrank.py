@@ -106,9 +106,9 @@ def factorize(model: nn.Module, rank: int | None = None, energy: float | None = 
         raise ConfigError(f"factorize: energy={energy!r} must be a fraction in (0, 1], e.g. 0.9.")
     names = select_linear(model, targets, "factorize")
     kept = []
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
-    for name in tqdm(names, desc="factorize", unit="layer", leave=False, disable=len(names) < 8):
+    for name in progress_bar(names, desc="factorize", unit="layer", leave=False, enabled=len(names) >= 8):
         module = model.get_submodule(name)
         new = factorize_linear(module, rank, energy)
         if new.rank * (new.in_features + new.out_features) >= new.in_features * new.out_features:
@@ -203,9 +203,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: in
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     student.train()
     history: list[float] = []
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
-    bar = tqdm(range(steps), desc="distill", unit="step", leave=False, disable=not progress)
+    bar = progress_bar(range(steps), desc="distill", unit="step", leave=False, enabled=progress)
     for step in bar:
         batch = data[step % len(data)]
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None

@@ -234,9 +234,9 @@ def _input_sq_norms(model: nn.Module, names: Sequence[str], calibration: Iterabl
         total = len(calibration) if hasattr(calibration, "__len__") else None
         it = calibration
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import bar as progress_bar
 
-            it = tqdm(calibration, total=total, desc="wanda calibration", unit="batch", leave=False)
+            it = progress_bar(calibration, total=total, desc="wanda calibration", unit="batch", leave=False)
         with torch.no_grad():
             for batch in it:
                 _call(model, batch)
@@ -320,9 +320,9 @@ def prune(
     else:
         it = names
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import bar as progress_bar
 
-            it = tqdm(names, desc=f"prune {method}", unit="layer", leave=False)
+            it = progress_bar(names, desc=f"prune {method}", unit="layer", leave=False)
         for n in it:
             s = scores_of(n)
             if method == "wanda":

@@ -172,10 +172,10 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int | None = 128, axis
     turned to (out, in)), which zeroes the pruned positions of the dequantised weight exactly:
     round-to-nearest with a zero point alone would not give exact zeros."""
     names = checked_layers(model, "quantize", bits, group_size, axis, targets, skip)
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     built: list[tuple[str, QuantizedLinear]] = []
-    for name in tqdm(names, desc=f"quantize {bits}-bit", unit="layer", disable=not progress, leave=False):
+    for name in progress_bar(names, desc=f"quantize {bits}-bit", unit="layer", enabled=progress, leave=False):
         module = model.get_submodule(name)
         mask = module._buffers.get(PRUNE_MASK)
         if mask is not None:

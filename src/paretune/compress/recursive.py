@@ -185,10 +185,10 @@ def make_recursive(model: nn.Module, num_blocks: int, init: str = "average", lor
                 p.copy_(torch.stack([t[name].double() for t in tied]).mean(0).to(p.dtype))
         blocks.append(block)
     linear_names = _linear_weight_names(blocks[0])
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     new_layers = []
-    for d in tqdm(range(n), desc="make_recursive", unit="layer", leave=False, disable=lora_rank == 0 or n < 8):
+    for d in progress_bar(range(n), desc="make_recursive", unit="layer", leave=False, enabled=not (lora_rank == 0 or n < 8)):
         block = blocks[d % k]
         depth = DepthLayer(block, d, d % k)
         if lora_rank > 0:

@@ -142,9 +142,9 @@ def train_digits(
     history: list[float] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import bar as progress_bar
 
-        bar = tqdm(total=steps, desc=f"train {method}", unit="step", leave=False)
+        bar = progress_bar(total=steps, desc=f"train {method}", unit="step", leave=False)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):

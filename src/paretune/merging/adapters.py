@@ -462,6 +462,6 @@ def _restore(model: nn.Module, loaded: dict[int, str], was_active: list[str], wa
 def _bar(total: int, progress: bool, desc: str):
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
-    return tqdm(total=total, desc=desc, unit="layer", leave=False)
+    return progress_bar(total=total, desc=desc, unit="layer", leave=False)

@@ -524,7 +524,7 @@ def search_lambda(
     Returns:
         ``(best_lambdas, best_score)``.
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     if not callable(evaluate):
         raise ConfigError("search_lambda: evaluate must be a function of a list of lambdas.")
@@ -543,7 +543,7 @@ def search_lambda(
         )
 
     seen: dict[tuple[float, ...], float] = {}
-    bar = tqdm(total=budget, desc="lambda search", unit="eval")
+    bar = progress_bar(total=budget, desc="lambda search", unit="eval")
 
     def score(lams: list[float]) -> float:
         key = tuple(lams)

@@ -694,11 +694,9 @@ def merge_models(
 
 
 def _bar(total: int, progress: bool, method: str):
-    import sys
+    from ..progress import bar as progress_bar
 
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="tensor", desc=f"merge {method}", disable=not progress, file=sys.stderr)
+    return progress_bar(total=total, unit="tensor", desc=f"merge {method}", enabled=progress)
 
 
 def _row_blocks(shape: tuple[int, ...], chunk_bytes: int) -> list[tuple[int, int] | None]:
