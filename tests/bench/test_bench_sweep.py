@@ -39,7 +39,7 @@ def test_plan_methods_budgets_seeds_and_baselines(bert):
     assert sorted(baselines) == [("full", 0), ("full", 1), ("head", 0), ("head", 1)]
     assert all(r.budget is None and r.options == {} for r in runs if r.method in ("head", "full"))
     lrs = {r.method: r.lr for r in runs}
-    assert lrs == {"lora": DEFAULT_LR["adapter"], "pissa": DEFAULT_LR["adapter"], "head": DEFAULT_LR["head"],
+    assert lrs == {"lora": DEFAULT_LR["adapter"], "pissa": tuning_of("pissa").lr, "head": DEFAULT_LR["head"],
                    "full": DEFAULT_LR["full"]}
     assert len({r.key for r in runs}) == len(runs)
     assert plan.notes == []
@@ -210,5 +210,7 @@ def test_head_lr_and_max_eval_are_part_of_a_run():
 
 
 def test_a_method_can_carry_its_own_bench_lr():
-    assert sweep.default_lr("vera") == tuning_of("vera").lr == 1e-2
+    assert sweep.default_lr("vera") == tuning_of("vera").lr == 8e-2
     assert sweep.default_lr("lora") == DEFAULT_LR["adapter"]
+    # the head-only baseline has its own searched rate; the head of adapter runs keeps HEAD_LR
+    assert sweep.default_lr("head") == DEFAULT_LR["head"] == 4e-2 != sweep.HEAD_LR

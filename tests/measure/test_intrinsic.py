@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from paretune.errors import ConfigError, ParetuneError
 from paretune.measure import digits, find_d90, intrinsic_dimension, parse_dims
-from paretune.bench.sweep import DEFAULT_LR, default_lr
+from paretune.bench.sweep import HEAD_LR, default_lr
 from paretune.measure.intrinsic import IntrinsicResult, MeasureSpec, RunRecord, check_dims, d90_message
 from paretune.measure.report import HTML_NAME, PNG_NAME, write_report
 
@@ -198,7 +198,7 @@ def test_text_task_end_to_end_on_minilm(tmp_path):
     assert result.runs[0].trainable == 10 and result.full.trainable > 22_000_000
     assert "classifier" in result.settings["targets"]
     full = MeasureSpec("minilm-l6", "city-continent", "full", {}, None, 0, 2, default_lr("full"), 8, None, None, 16,
-                       DEFAULT_LR["head"], 16)
+                       HEAD_LR, 16)
     assert result.full.key == full.key
     assert result.png_path.exists() and result.html_path.exists()
     assert 0.0 <= result.runs[0].metric <= 1.0

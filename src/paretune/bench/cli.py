@@ -154,7 +154,7 @@ def run_bench(
         plan = sweep.plan_runs(net, model=model, task=task, methods=names, budgets=budgets, seeds=seeds, steps=steps,
                                batch_size=batch_size, lr=lr, targets=targets, baselines=baselines,
                                max_eval=sweep.QUICK["max_eval"] if quick else None,
-                               head_lr=sweep.DEFAULT_LR["head"] if lr is None and kind == "classification" else None,
+                               head_lr=sweep.HEAD_LR if lr is None and kind == "classification" else None,
                                data=splits.train if splits else None, eval_data=splits.test if splits else None,
                                data_id=splits.data_id if splits else None)
         del net

@@ -220,7 +220,7 @@ def _digits_problem(seed: int) -> _Problem:
 
 def _text_problem(model: str, task: str, seed: int, max_train: int | None, max_eval: int | None) -> _Problem:
     from .. import models
-    from ..bench.sweep import DEFAULT_LR, default_lr
+    from ..bench.sweep import HEAD_LR, default_lr
     from ..data.tasks import get_task
     from ..training.trainer import train as train_text
 
@@ -245,7 +245,7 @@ def _text_problem(model: str, task: str, seed: int, max_train: int | None, max_e
         return dict(result.metrics, train_examples=len(train_ds), eval_examples=len(eval_ds))
 
     defaults = dict(TEXT_DEFAULTS, lr=default_lr(METHOD), full_lr=default_lr("full"))
-    head_lr = DEFAULT_LR["head"] if classification else None
+    head_lr = HEAD_LR if classification else None
     return _Problem(model, task, t.metric, net, targets, defaults, train, max_eval, max_train, head_lr)
 
 
