@@ -20,7 +20,7 @@ import torch
 
 import paretune
 from paretune.errors import ParetuneError
-from tiny_models import llama
+from tiny_models import llama, save_tiny_bert_classifier
 
 SEED = 20261128
 
@@ -260,20 +260,8 @@ def test_bad_options(victim, pairs):
 
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    import importlib.util
-
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from paretune.models import BUNDLED
-
-    spec = importlib.util.find_spec(BUNDLED["minilm-l6"].module)
-    tok = AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "model")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
     d = tmp_path_factory.mktemp("cli")
-    BertForSequenceClassification(cfg).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_bert_classifier(d / "model")
     (d / "train.csv").write_text("text,label\n" + "".join(f"w{i},{'ab'[i % 2]}\n" for i in range(16)))
     return d
 

@@ -20,7 +20,7 @@ import torch
 
 import paretune
 from paretune.errors import AdapterFileError, ConfigError, ParetuneError
-from tiny_models import bert_cls, llama
+from tiny_models import bert_cls, llama, save_tiny_bert_classifier
 
 # -- tiny models and helpers -----------------------------------------------------------------------
 
@@ -71,21 +71,7 @@ def refuses(fn, error=ParetuneError, match: str | None = None) -> ParetuneError:
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny BERT classifier with MiniLM's tokenizer, saved as a local model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from paretune.models import BUNDLED
-
-    import importlib.util
-
-    spec = importlib.util.find_spec(BUNDLED["minilm-l6"].module)
-    tok = AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "model")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    d = tmp_path_factory.mktemp("tiny-bert")
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert_classifier(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from .errors import AdapterFileError, ParetuneError
 from .api import adapt, remove
 from .core import quant, registry
 from .core.atomic import atomic_dir
+from .core.digest import file_sha256
 from .core.host import Host
 from .core.inject import kind_of, output_head_names, weights_sha256
 from .core.jsonfile import read_json
@@ -192,17 +193,9 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default", *, he
         if head_tensors:
             save_file(head_tensors, str(tmp / HEAD_FILE), metadata={"format": "pt"})
         meta["checksums"] = {"config": _config_sha256(meta["config"]),
-                             **{f: _file_sha256(tmp / f) for f in (WEIGHTS_FILE, HEAD_FILE) if (tmp / f).is_file()}}
+                             **{f: file_sha256(tmp / f) for f in (WEIGHTS_FILE, HEAD_FILE) if (tmp / f).is_file()}}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(path)
-
-
-def _file_sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _config_sha256(config: Any) -> str:
@@ -223,7 +216,7 @@ def verify_checksums(path: str | os.PathLike, meta: dict[str, Any]) -> None:
         raise AdapterFileError(f"{path / CONFIG_FILE}: the method options (config) were changed after the adapter was "
                                f"saved, so they no longer match the trained tensors. {fix}")
     for f in (WEIGHTS_FILE, HEAD_FILE):
-        if sums.get(f) is not None and (path / f).is_file() and _file_sha256(path / f) != sums[f]:
+        if sums.get(f) is not None and (path / f).is_file() and file_sha256(path / f) != sums[f]:
             raise AdapterFileError(f"{path / f} changed after it was saved (its SHA-256 differs from the one in "
                                    f"{CONFIG_FILE}): the file is damaged or was edited. {fix}")
 

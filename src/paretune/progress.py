@@ -182,19 +182,14 @@ def phase(desc: str, enabled: bool = True, *, delay: float = 0.0) -> Iterator[No
     else:
         announce()
     start = time.perf_counter()
+    outcome = "failed after"  # until the block returns; an exception propagates unchanged
     try:
         yield
-    except BaseException:
+        outcome = "done in"
+    finally:
         with lock:
             finished = True
         if timer is not None:
             timer.cancel()
         if shown.is_set():
-            print(f"{desc}: failed after {_format_seconds(time.perf_counter() - start)}", file=stream, flush=True)
-        raise
-    with lock:
-        finished = True
-    if timer is not None:
-        timer.cancel()
-    if shown.is_set():
-        print(f"{desc}: done in {_format_seconds(time.perf_counter() - start)}", file=stream, flush=True)
+            print(f"{desc}: {outcome} {_format_seconds(time.perf_counter() - start)}", file=stream, flush=True)

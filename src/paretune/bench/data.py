@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_write_text
+from ..core.digest import file_sha256
 from ..data.examples import COLUMNS, Dataset, load_data
 from ..errors import ParetuneError
 
@@ -54,14 +55,6 @@ def carve(ds: Dataset, salt: str, fraction: float) -> tuple[Dataset, Dataset]:
     for row in ds.rows:
         (out if unit_hash(salt, _input(ds.kind, row)) < fraction else keep).append(row)
     return Dataset(ds.kind, keep, ds.source), Dataset(ds.kind, out, ds.source)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

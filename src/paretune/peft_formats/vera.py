@@ -22,7 +22,7 @@ from torch import nn
 from ..api import adapt, remove
 from ..core.state import AdapterRecord
 from ..errors import AdapterFileError
-from .common import PREFIX, Fields, check_modules, one_setting
+from .common import PREFIX, Fields, check_modules, one_setting, split_keys
 
 SUFFIXES = {".vera_lambda_b": "lambda_b", ".vera_lambda_d": "lambda_d"}
 SHARED = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
@@ -58,14 +58,7 @@ def load(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]
     if cfg.get("bias", "none") not in (None, "none"):
         raise AdapterFileError(f"{path} trains biases (bias={cfg['bias']!r}); import_peft supports bias='none' only.")
     shared = {SHARED[k]: tensors.pop(k) for k in list(tensors) if k in SHARED}
-    per_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(PREFIX):
-            raise AdapterFileError(f"{path}: unexpected tensor {key!r} in a PEFT VeRA file.")
-        per_module.setdefault(key[len(PREFIX):-len(suffix)], {})[SUFFIXES[suffix]] = t
-    if not per_module:
-        raise AdapterFileError(f"{path}: the PEFT file holds no VeRA tensors.")
+    per_module = split_keys(tensors, SUFFIXES, path, "VeRA")
     ranks = set()
     for module, state in per_module.items():
         if set(state) != {"lambda_b", "lambda_d"}:
